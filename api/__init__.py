@@ -1,0 +1,1 @@
+"""The HTTP API: routes, auth and scopes, the error envelope, request/response schemas."""

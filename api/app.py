@@ -1,0 +1,25 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api import errors
+from api.middleware import RequestContextMiddleware
+from api.routes import endpoints, health
+from rotator import __version__
+from rotator.settings import get_settings
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    app = FastAPI(
+        title="Rotator",
+        version=__version__,
+        description="AgentMessage-compatible Webhooks API with safe secret rotation.",
+    )
+    errors.install(app)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.include_router(health.router)
+    app.include_router(endpoints.router)
+    return app

@@ -1,0 +1,85 @@
+"""Pure ASGI middleware (no per-request task switching): request ids, body cap, last-resort 500.
+
+Every response gets ``X-Request-Id`` (a ULID), errors included; a request body over the cap
+is refused with 413 before any route sees it; an unhandled exception becomes a 500 envelope
+that names nothing internal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import for_status
+from models.ids import new_request_id
+
+log = logging.getLogger("rotator.api")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+        header_value = request_id.encode()
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = [
+                    (k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"
+                ]
+                headers.append((b"x-request-id", header_value))
+                message["headers"] = headers
+            await send(message)
+
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await for_status(413, request_id)(scope, receive, send)
+            return
+
+        received = 0
+
+        async def capped_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, capped_receive, send_with_id)
+        except _BodyTooLarge:
+            if not started:
+                await for_status(413, request_id)(scope, receive, send)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": request_id})
+            if not started:
+                await for_status(500, request_id)(scope, receive, send)
+
+
+def _content_length(scope: Mapping[str, Any]) -> int | None:
+    for key, value in scope.get("headers", []):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

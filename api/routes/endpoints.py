@@ -1,0 +1,108 @@
+"""/v1/webhooks: endpoints and their secrets (CONTRACT §2). Parse, authorize, call, render."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from api.deps import Caller, body_doc, read_json, require
+from api.errors import responses
+from api.schemas import (
+    Endpoint,
+    EndpointCreate,
+    EndpointList,
+    EndpointUpdate,
+    EndpointWithSecret,
+    endpoint_json,
+    list_json,
+)
+from models import endpoint as endpoints
+from models.org import Scope
+
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+
+Reader = Annotated[Caller, Depends(require(Scope.WEBHOOKS_READ))]
+Writer = Annotated[Caller, Depends(require(Scope.WEBHOOKS_WRITE))]
+EndpointId = Annotated[uuid.UUID, "endpoint id (UUID)"]
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=EndpointWithSecret,
+    responses=responses(401, 403, 409, 413, 422),
+    openapi_extra=body_doc(EndpointCreate),
+)
+async def create_endpoint(request: Request, caller: Writer) -> JSONResponse:
+    """Create an endpoint. Its secret is in this response and never again."""
+    body = await read_json(request, EndpointCreate)
+    created = await caller.run(
+        endpoints.create_endpoint,
+        url=body.url,
+        events=body.events,
+        description=body.description,
+        api_version=body.api_version,
+    )
+    return JSONResponse(endpoint_json(created.endpoint, secret=created.secret), status_code=201)
+
+
+@router.get("", response_model=EndpointList, responses=responses(401, 403, 422))
+async def list_endpoints(
+    caller: Reader,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> JSONResponse:
+    """Live endpoints of the caller's organization, newest first."""
+    page = await caller.run(endpoints.list_endpoints, limit=limit, cursor=cursor)
+    return JSONResponse(
+        list_json(
+            [endpoint_json(item) for item in page.items], limit=limit, next_cursor=page.next_cursor
+        )
+    )
+
+
+@router.get("/{endpoint_id}", response_model=Endpoint, responses=responses(401, 403, 404, 422))
+async def get_endpoint(endpoint_id: uuid.UUID, caller: Reader) -> JSONResponse:
+    """One endpoint. The secret is never shown here."""
+    endpoint = await caller.run(endpoints.get_endpoint, endpoint_id)
+    return JSONResponse(endpoint_json(endpoint))
+
+
+@router.patch(
+    "/{endpoint_id}",
+    response_model=Endpoint,
+    responses=responses(401, 403, 404, 413, 422),
+    openapi_extra=body_doc(EndpointUpdate),
+)
+async def update_endpoint(endpoint_id: uuid.UUID, request: Request, caller: Writer) -> JSONResponse:
+    """Change url, description (blank clears), events (replaces the set) or active."""
+    body = await read_json(request, EndpointUpdate)
+    changes = {field: getattr(body, field) for field in body.model_fields_set}
+    endpoint = await caller.run(endpoints.update_endpoint, endpoint_id, changes)
+    return JSONResponse(endpoint_json(endpoint))
+
+
+@router.delete(
+    "/{endpoint_id}",
+    status_code=204,
+    response_class=Response,
+    responses=responses(401, 403, 404, 422),
+)
+async def delete_endpoint(endpoint_id: uuid.UUID, caller: Writer) -> Response:
+    """Soft delete: the endpoint stops receiving; its delivery history is kept."""
+    await caller.run(endpoints.delete_endpoint, endpoint_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{endpoint_id}/rotate-secret",
+    response_model=EndpointWithSecret,
+    responses=responses(401, 403, 404, 422),
+)
+async def rotate_secret(endpoint_id: uuid.UUID, caller: Writer) -> JSONResponse:
+    """Replace the secret immediately, with no grace window. Shown once."""
+    rotated = await caller.run(endpoints.rotate_secret, endpoint_id)
+    return JSONResponse(endpoint_json(rotated.endpoint, secret=rotated.secret))

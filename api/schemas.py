@@ -1,0 +1,92 @@
+"""Request and response shapes of the HTTP API (CONTRACT.md), and their JSON rendering.
+
+Responses are rendered by hand into plain dicts (documented by the models below) so a hot
+GET pays for one dict, not a model validation round trip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.clock import rfc3339
+from models.endpoint import WebhookEndpoint
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class EndpointCreate(_Strict):
+    url: str = Field(description="https:// URL that receives deliveries")
+    events: list[str] = Field(description="1-50 subscribable event types, no duplicates")
+    description: str = Field(default="", description="at most 200 characters")
+    api_version: str = Field(default="2026-04-01", description="supported: 2026-04-01")
+
+
+class EndpointUpdate(_Strict):
+    """Partial update: only the fields present change. ``{}`` is accepted."""
+
+    url: str = ""
+    description: str = ""
+    events: list[str] = Field(default_factory=list)
+    active: bool = True
+    api_version: str = Field(default="", description="immutable: present means 422")
+
+
+class Endpoint(BaseModel):
+    id: str
+    org_id: str
+    url: str
+    description: str | None = Field(default=None, description="omitted when empty")
+    events: list[str]
+    active: bool
+    api_version: str
+    created_at: str
+    updated_at: str
+    deleted_at: str | None
+
+
+class EndpointWithSecret(Endpoint):
+    secret: str = Field(description="standard base64 of 32 bytes; shown once")
+    secret_displayed_once: bool = True
+
+
+class ListMeta(BaseModel):
+    limit: int
+    next_cursor: str | None
+
+
+class EndpointList(BaseModel):
+    success: bool = True
+    data: list[Endpoint]
+    meta: ListMeta
+
+
+def endpoint_json(endpoint: WebhookEndpoint, *, secret: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": str(endpoint.id),
+        "org_id": str(endpoint.org_id),
+        "url": endpoint.url,
+    }
+    if endpoint.description:
+        body["description"] = endpoint.description
+    body.update(
+        events=list(endpoint.events),
+        active=endpoint.active,
+        api_version=endpoint.api_version,
+        created_at=rfc3339(endpoint.created_at),
+        updated_at=rfc3339(endpoint.updated_at),
+        deleted_at=rfc3339(endpoint.deleted_at) if endpoint.deleted_at else None,
+    )
+    if secret is not None:
+        body["secret"] = secret
+        body["secret_displayed_once"] = True
+    return body
+
+
+def list_json(
+    items: list[dict[str, Any]], *, limit: int, next_cursor: str | None
+) -> dict[str, Any]:
+    return {"success": True, "data": items, "meta": {"limit": limit, "next_cursor": next_cursor}}

@@ -1,0 +1,158 @@
+"""Engines, sessions, and the one place a unit of work commits.
+
+``Database.session()`` is the unit of work for API requests and worker tasks alike: it commits
+on success and rolls back on error. Work to do *after* a commit (publishing task messages) is
+registered with ``after_commit`` and runs only once the commit succeeded; a rollback drops it
+(DESIGN invariant 2).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from models.crypto import SecretBox
+from rotator.settings import Settings, get_settings
+
+log = logging.getLogger("rotator.db")
+
+_AFTER_COMMIT = "rotator.after_commit"
+
+
+def make_engine(settings: Settings) -> Engine:
+    url = settings.database_url
+    if url.startswith("sqlite"):
+        if url in ("sqlite://", "sqlite:///:memory:"):
+            engine = create_engine(
+                url, poolclass=StaticPool, connect_args={"check_same_thread": False}
+            )
+        else:
+            # One connection: SQLite serialises writers anyway, and queueing in the pool is
+            # fairer and faster than queueing in SQLite's busy handler.
+            _ensure_sqlite_dir(url)
+            engine = create_engine(
+                url,
+                pool_size=1,
+                max_overflow=0,
+                pool_timeout=60,
+                connect_args={"check_same_thread": False, "timeout": 30},
+            )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    return create_engine(
+        url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_pre_ping=True,
+    )
+
+
+def _ensure_sqlite_dir(url: str) -> None:
+    from pathlib import Path
+
+    path = url.split(":///", 1)[1]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class Database:
+    """An engine, its session factory, and the at-rest key box sessions carry."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine = make_engine(settings)
+        self.box = SecretBox(settings.encryption_key_bytes())
+        self._sessions = sessionmaker(
+            self.engine, expire_on_commit=False, info={"box": self.box, "settings": settings}
+        )
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A unit of work: commit on success, roll back on any exception."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def create_schema(self) -> None:
+        """Bring the schema to the newest migration."""
+        from rotator.migrations import upgrade
+
+        upgrade(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def box_of(session: Session) -> SecretBox:
+    box = session.info.get("box")
+    if not isinstance(box, SecretBox):
+        raise RuntimeError("session was not created by models.db.Database")
+    return box
+
+
+def settings_of(session: Session) -> Settings:
+    settings = session.info.get("settings")
+    return settings if isinstance(settings, Settings) else get_settings()
+
+
+def after_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the session's current transaction has committed."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    callbacks: list[Callable[[], None]] = session.info.pop(_AFTER_COMMIT, [])
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            # The row is committed; the reconciler re-derives the lost message from it.
+            log.exception("after-commit callback failed")
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_after_commit(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)
+
+
+_database: Database | None = None
+
+
+def get_database() -> Database:
+    """The process's database, built from settings on first use."""
+    global _database
+    if _database is None:
+        _database = Database(get_settings())
+    return _database
+
+
+def set_database(database: Database | None) -> None:
+    """Install ``database`` as the process's database (the dev runner and tests)."""
+    global _database
+    _database = database

@@ -1,0 +1,283 @@
+"""Webhook endpoints and their signing secrets (CONTRACT §2).
+
+An endpoint's secret is 32 random bytes, shown base64-encoded exactly once (in the create and
+rotate responses) and otherwise kept only encrypted at rest.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, LargeBinary, String, func, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from models import clock
+from models.base import Base, IdMixin, UTCDateTime
+from models.db import box_of, settings_of
+from models.errors import LimitExceeded, NotFound, ValidationFailed
+from models.events import SUBSCRIBABLE_EVENT_TYPES, SUPPORTED_API_VERSIONS, SYSTEM_EVENT_TYPES
+from models.ids import new_id
+from models.org import Organization
+from models.pagination import Page, paginate
+
+MAX_EVENTS = 50
+MAX_DESCRIPTION = 200
+MAX_URL = 2048
+SECRET_BYTES = 32
+
+
+class WebhookEndpoint(IdMixin, Base):
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_org_created", "org_id", "created_at", "id"),)
+
+    org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
+    url: Mapped[str] = mapped_column(String(MAX_URL))
+    description: Mapped[str] = mapped_column(String(MAX_DESCRIPTION), default="")
+    events: Mapped[list[str]] = mapped_column(JSON)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    api_version: Mapped[str] = mapped_column(String(16))
+    secret_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=clock.now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=clock.now)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+@dataclass(frozen=True)
+class WithSecret:
+    """An endpoint together with the secret a response shows once."""
+
+    endpoint: WebhookEndpoint
+    secret: str
+
+
+def new_secret() -> str:
+    return base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
+
+
+def _secret_context(endpoint_id: uuid.UUID) -> str:
+    return f"webhook_endpoint.secret:{endpoint_id}"
+
+
+def seal_secret(session: Session, endpoint: WebhookEndpoint, secret: str) -> None:
+    seal_secret_bytes(session, endpoint, base64.b64decode(secret))
+
+
+def seal_secret_bytes(session: Session, endpoint: WebhookEndpoint, key: bytes) -> None:
+    endpoint.secret_ciphertext = box_of(session).encrypt(key, context=_secret_context(endpoint.id))
+
+
+def signing_key(session: Session, endpoint: WebhookEndpoint) -> bytes:
+    """The endpoint's HMAC key (the decoded secret bytes), decrypted for signing."""
+    return box_of(session).decrypt(endpoint.secret_ciphertext, context=_secret_context(endpoint.id))
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def check_url(session: Session, url: Any) -> str | None:
+    if not isinstance(url, str) or not url.strip():
+        return "is required"
+    if len(url) > MAX_URL:
+        return f"must be at most {MAX_URL} characters"
+    if any(char.isspace() for char in url):
+        return "must not contain whitespace"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        return "is not a valid URL"
+    allowed = ("https", "http") if settings_of(session).allow_insecure_urls else ("https",)
+    if parts.scheme not in allowed:
+        return "must be an https:// URL"
+    if not parts.hostname:
+        return "must include a host"
+    return None
+
+
+def check_events(events: Any) -> str | None:
+    if not isinstance(events, list) or not events:
+        return "must list at least one event type"
+    if len(events) > MAX_EVENTS:
+        return f"must list at most {MAX_EVENTS} event types"
+    if len(set(events)) != len(events):
+        return "must not contain duplicates"
+    for event in events:
+        if event in SYSTEM_EVENT_TYPES:
+            return f"{event} is not subscribable"
+        if event not in SUBSCRIBABLE_EVENT_TYPES:
+            return f"unknown event type: {event}"
+    return None
+
+
+def check_description(description: Any) -> str | None:
+    if not isinstance(description, str):
+        return "must be a string"
+    if len(description) > MAX_DESCRIPTION:
+        return f"must be at most {MAX_DESCRIPTION} characters"
+    return None
+
+
+def _raise_if(problems: Mapping[str, str | None]) -> None:
+    details = {field: problem for field, problem in problems.items() if problem}
+    if details:
+        raise ValidationFailed(details)
+
+
+# --- rules ------------------------------------------------------------------------------------
+
+
+def create_endpoint(
+    session: Session,
+    org_id: uuid.UUID,
+    *,
+    url: str,
+    events: Sequence[str],
+    description: str = "",
+    api_version: str | None = None,
+    secret: str | None = None,
+    over_limit_by: int = 0,
+) -> WithSecret:
+    """Create an endpoint with a fresh secret (or the given one, minted earlier).
+
+    ``over_limit_by`` lets a safe migrate exceed the cap by its one new endpoint.
+    """
+    version = api_version or SUPPORTED_API_VERSIONS[0]
+    _raise_if(
+        {
+            "url": check_url(session, url),
+            "events": check_events(list(events)),
+            "description": check_description(description),
+            "api_version": None
+            if version in SUPPORTED_API_VERSIONS
+            else f"unsupported; supported: {', '.join(SUPPORTED_API_VERSIONS)}",
+        }
+    )
+    # Serialise creations per organization so two concurrent requests cannot both take the
+    # last slot (a no-op on SQLite, whose writers are serialised already).
+    session.execute(select(Organization.id).where(Organization.id == org_id).with_for_update())
+    limit = settings_of(session).endpoint_limit + over_limit_by
+    if count_live(session, org_id) >= limit:
+        raise LimitExceeded(f"an organization may have at most {limit} active endpoints")
+    now = clock.now()
+    endpoint = WebhookEndpoint(
+        id=new_id(),
+        org_id=org_id,
+        url=url,
+        description=description.strip(),
+        events=list(events),
+        active=True,
+        api_version=version,
+        created_at=now,
+        updated_at=now,
+    )
+    secret = secret or new_secret()
+    seal_secret(session, endpoint, secret)
+    session.add(endpoint)
+    session.flush()
+    return WithSecret(endpoint=endpoint, secret=secret)
+
+
+def count_live(session: Session, org_id: uuid.UUID) -> int:
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(WebhookEndpoint)
+            .where(WebhookEndpoint.org_id == org_id, WebhookEndpoint.deleted_at.is_(None))
+        )
+        or 0
+    )
+
+
+def get_endpoint(
+    session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID, *, for_update: bool = False
+) -> WebhookEndpoint:
+    """A live endpoint of this organization; anything else is 404 (never 403)."""
+    query = select(WebhookEndpoint).where(
+        WebhookEndpoint.id == endpoint_id,
+        WebhookEndpoint.org_id == org_id,
+        WebhookEndpoint.deleted_at.is_(None),
+    )
+    if for_update:
+        query = query.with_for_update()
+    endpoint = session.scalars(query).one_or_none()
+    if endpoint is None:
+        raise NotFound()
+    return endpoint
+
+
+def list_endpoints(
+    session: Session, org_id: uuid.UUID, *, limit: int, cursor: str | None
+) -> Page[WebhookEndpoint]:
+    query = select(WebhookEndpoint).where(
+        WebhookEndpoint.org_id == org_id, WebhookEndpoint.deleted_at.is_(None)
+    )
+    return paginate(
+        session,
+        query,
+        created_at=WebhookEndpoint.created_at,
+        id_column=WebhookEndpoint.id,
+        limit=limit,
+        cursor=cursor,
+    )
+
+
+UPDATABLE = frozenset({"url", "description", "events", "active"})
+
+
+def update_endpoint(
+    session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID, changes: Mapping[str, Any]
+) -> WebhookEndpoint:
+    """Apply a partial update; ``api_version`` is immutable and unknown fields are refused."""
+    problems: dict[str, str | None] = {}
+    for field in changes:
+        if field == "api_version":
+            problems[field] = "is immutable"
+        elif field not in UPDATABLE:
+            problems[field] = "unknown field"
+    if "url" in changes:
+        problems["url"] = check_url(session, changes["url"])
+    if "events" in changes:
+        problems["events"] = check_events(changes["events"])
+    if "description" in changes:
+        problems["description"] = check_description(changes["description"])
+    if "active" in changes and not isinstance(changes["active"], bool):
+        problems["active"] = "must be a boolean"
+    _raise_if(problems)
+    endpoint = get_endpoint(session, org_id, endpoint_id, for_update=True)
+    changed = False
+    for field in ("url", "events", "active"):
+        if field in changes and getattr(endpoint, field) != changes[field]:
+            setattr(endpoint, field, changes[field])
+            changed = True
+    if "description" in changes and endpoint.description != changes["description"].strip():
+        endpoint.description = changes["description"].strip()
+        changed = True
+    if changed:
+        endpoint.updated_at = clock.now()
+    return endpoint
+
+
+def delete_endpoint(session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID) -> WebhookEndpoint:
+    """Soft delete: the row and its history stay, the endpoint stops receiving."""
+    endpoint = get_endpoint(session, org_id, endpoint_id, for_update=True)
+    now = clock.now()
+    endpoint.deleted_at = now
+    endpoint.active = False
+    endpoint.updated_at = now
+    return endpoint
+
+
+def rotate_secret(session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID) -> WithSecret:
+    """Replace the secret at once; no grace window (that is what safe migrate is for)."""
+    endpoint = get_endpoint(session, org_id, endpoint_id, for_update=True)
+    secret = new_secret()
+    seal_secret(session, endpoint, secret)
+    endpoint.updated_at = clock.now()
+    return WithSecret(endpoint=endpoint, secret=secret)

@@ -1,0 +1,49 @@
+"""What a webhook receiver needs to trust a Rotator delivery: both signature schemes.
+
+Importable on its own (standard library and ``cryptography`` only), so receivers can depend on
+it without the rest of Rotator; the workers sign with the same functions.
+"""
+
+from receiver.signing import (
+    AMCORE_ORG_SIGNATURE_HEADER,
+    AMCORE_SIGNATURE_HEADER,
+    WEBHOOK_ID_HEADER,
+    WEBHOOK_SIGNATURE_HEADER,
+    WEBHOOK_TIMESTAMP_HEADER,
+    amcore_header,
+    decode_secret,
+    sign_amcore,
+    sign_standard,
+    signature_headers,
+)
+from receiver.verify import (
+    BadSignature,
+    MalformedHeader,
+    MissingHeaders,
+    StaleTimestamp,
+    VerificationError,
+    VerifiedDelivery,
+    parse_event,
+    verify,
+)
+
+__all__ = [
+    "AMCORE_ORG_SIGNATURE_HEADER",
+    "AMCORE_SIGNATURE_HEADER",
+    "WEBHOOK_ID_HEADER",
+    "WEBHOOK_SIGNATURE_HEADER",
+    "WEBHOOK_TIMESTAMP_HEADER",
+    "BadSignature",
+    "MalformedHeader",
+    "MissingHeaders",
+    "StaleTimestamp",
+    "VerificationError",
+    "VerifiedDelivery",
+    "amcore_header",
+    "decode_secret",
+    "parse_event",
+    "sign_amcore",
+    "sign_standard",
+    "signature_headers",
+    "verify",
+]

@@ -1,0 +1,214 @@
+"""``rotator``: the one command-line entry point (DESIGN "Command line")."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from rotator.settings import ConfigurationError, generate_key, get_settings
+
+if TYPE_CHECKING:
+    from models.db import Database
+    from models.org import IssuedKey
+
+
+def _database() -> Database:
+    from models.db import get_database
+
+    return get_database()
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    os.environ.setdefault("ROTATOR_ALLOW_INSECURE_URLS", "true")
+    os.environ.setdefault("ROTATOR_BROKER_URL", "memory://")
+    get_settings.cache_clear()
+    settings = get_settings()
+    if not settings.broker_url.startswith("memory://"):
+        print("rotator dev runs on the in-memory broker; unset ROTATOR_BROKER_URL", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from rotator.embedded import background_services
+
+    db = _database()
+    db.create_schema()
+    with background_services(settings):
+        uvicorn.run(
+            "api.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            log_level=settings.log_level.lower(),
+        )
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    _database()  # refuse to start on bad settings before binding the port
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=get_settings().log_level.lower(),
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.app import app
+
+    _database()
+    app.worker_main(["worker", *args.celery_args])
+    return 0
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    from workers.app import app
+
+    _database()
+    app.start(["beat", *args.celery_args])
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    _database().create_schema()
+    print("database is at the newest migration")
+    return 0
+
+
+def _print_key(issued: IssuedKey) -> None:
+    print(
+        json.dumps(
+            {
+                "org_id": str(issued.org_id),
+                "key_id": str(issued.key_id),
+                "api_key": issued.api_key,
+                "scopes": issued.scopes,
+            }
+        )
+    )
+
+
+def _scopes(raw: str | None) -> list[str]:
+    return raw.split(",") if raw else []
+
+
+def cmd_orgs_create(args: argparse.Namespace) -> int:
+    from models.org import create_org, issue_key
+
+    with _database().session() as session:
+        org = create_org(session, args.name)
+        issued = issue_key(session, org.id, _scopes(args.scopes))
+    _print_key(issued)
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from models.org import issue_key
+
+    with _database().session() as session:
+        issued = issue_key(session, args.org, _scopes(args.scopes))
+    _print_key(issued)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from models.org import revoke_key
+
+    with _database().session() as session:
+        key = revoke_key(session, args.key_id)
+        print(json.dumps({"key_id": str(key.id), "revoked": True}))
+    return 0
+
+
+def cmd_secrets_genkey(args: argparse.Namespace) -> int:
+    print(generate_key())
+    return 0
+
+
+def cmd_secrets_reencrypt(args: argparse.Namespace) -> int:
+    from models.rekey import reencrypt_all
+
+    with _database().session() as session:
+        counts = reencrypt_all(session)
+    print(json.dumps(counts))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rotator", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dev = commands.add_parser("dev", help="API + worker + beat in one process (SQLite, memory)")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8000)
+    dev.set_defaults(func=cmd_dev)
+
+    api = commands.add_parser("api", help="serve the HTTP API with uvicorn")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1)
+    api.set_defaults(func=cmd_api)
+
+    for name, func in (("worker", cmd_worker), ("beat", cmd_beat)):
+        sub = commands.add_parser(name, help=f"run a Celery {name} (extra args go to Celery)")
+        sub.add_argument("celery_args", nargs=argparse.REMAINDER)
+        sub.set_defaults(func=func)
+
+    db = commands.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)
+    db.add_parser("upgrade", help="apply migrations up to the newest").set_defaults(
+        func=cmd_db_upgrade
+    )
+
+    orgs = commands.add_parser("orgs").add_subparsers(dest="orgs", required=True)
+    org_create = orgs.add_parser("create", help="create an organization and its first key")
+    org_create.add_argument("--name", required=True)
+    org_create.add_argument("--scopes", help="comma separated (default: all)")
+    org_create.set_defaults(func=cmd_orgs_create)
+
+    keys = commands.add_parser("keys").add_subparsers(dest="keys", required=True)
+    key_create = keys.add_parser("create", help="issue an API key")
+    key_create.add_argument("--org", type=uuid.UUID, required=True)
+    key_create.add_argument("--scopes", help="comma separated (default: all)")
+    key_create.set_defaults(func=cmd_keys_create)
+    key_revoke = keys.add_parser("revoke", help="revoke an API key")
+    key_revoke.add_argument("key_id", type=uuid.UUID)
+    key_revoke.set_defaults(func=cmd_keys_revoke)
+
+    sec = commands.add_parser("secrets").add_subparsers(dest="secrets", required=True)
+    sec.add_parser("genkey", help="print a new at-rest encryption key").set_defaults(
+        func=cmd_secrets_genkey
+    )
+    sec.add_parser(
+        "reencrypt", help="re-encrypt every stored secret under the first ROTATOR_ENCRYPTION_KEYS"
+    ).set_defaults(func=cmd_secrets_reencrypt)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from models.errors import DomainError
+
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigurationError as exc:
+        print(f"rotator: {exc}", file=sys.stderr)
+        return 2
+    except DomainError as exc:
+        detail = f" ({json.dumps(exc.details)})" if exc.details else ""
+        print(f"rotator: {exc.message}{detail}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

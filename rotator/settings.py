@@ -1,0 +1,125 @@
+"""The one typed configuration of Rotator, read from ``ROTATOR_*`` environment variables.
+
+Everything (API, workers, beat, the command line) reads its settings from here, Celery's
+configuration included, so a value has exactly one name and one default.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger("rotator.settings")
+
+DEFAULT_DATA_DIR = Path(".rotator")
+KEY_FILE_NAME = "encryption.key"
+
+
+class ConfigurationError(RuntimeError):
+    """Raised when the process must not start with the given settings."""
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ROTATOR_", extra="ignore")
+
+    env: Literal["development", "test", "production"] = "development"
+    data_dir: Path = DEFAULT_DATA_DIR
+    database_url: str = ""
+    broker_url: str = "memory://"
+    # Keys that encrypt secrets at rest: standard base64 of 32 bytes, comma separated. The
+    # first encrypts; every one of them decrypts, so a key can be retired gradually.
+    encryption_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    org_secret_grace_seconds: int = Field(default=300, ge=0, le=86_400)
+    allow_insecure_urls: bool = False
+    endpoint_limit: int = Field(default=50, ge=1)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    log_level: str = "INFO"
+
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+
+    @field_validator("encryption_keys", mode="before")
+    @classmethod
+    def _keys_from_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("encryption_keys")
+    @classmethod
+    def _keys_are_32_bytes(cls, value: list[str]) -> list[str]:
+        for index, key in enumerate(value):
+            try:
+                raw = base64.b64decode(key, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"encryption key #{index + 1} is not standard base64") from None
+            if len(raw) != 32:
+                raise ValueError(f"encryption key #{index + 1} must decode to 32 bytes")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_from_data_dir(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'rotator.db'}"
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def encryption_key_bytes(self) -> list[bytes]:
+        """The at-rest keys as bytes, first one encrypting.
+
+        Outside production, a missing key is replaced by a key file kept in ``data_dir`` so
+        that a local database stays readable across restarts; production refuses to start.
+        """
+        if self.encryption_keys:
+            return [base64.b64decode(key) for key in self.encryption_keys]
+        if self.env == "production":
+            raise ConfigurationError(
+                "ROTATOR_ENCRYPTION_KEYS is required in production "
+                "(generate one with: rotator secrets genkey)"
+            )
+        return [_local_key(self.data_dir)]
+
+
+def _local_key(data_dir: Path) -> bytes:
+    path = data_dir / KEY_FILE_NAME
+    if path.exists():
+        return base64.b64decode(path.read_text().strip())
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(base64.b64encode(key).decode() + "\n")
+    log.warning(
+        "no ROTATOR_ENCRYPTION_KEYS set: generated a local at-rest key in %s; "
+        "set ROTATOR_ENCRYPTION_KEYS for anything but local development",
+        path,
+    )
+    return key
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
+
+
+def generate_key() -> str:
+    """A fresh at-rest encryption key, in the form ROTATOR_ENCRYPTION_KEYS takes."""
+    return base64.b64encode(secrets.token_bytes(32)).decode()

@@ -1,0 +1,1 @@
+"""Celery beat: the schedule as data (``schedules.beat``) and the periodic ticks."""
