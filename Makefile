@@ -1,0 +1,34 @@
+# Two commands do all the set-up: `make dev` starts Rotator, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: dev test lint test-embedded test-real install
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+dev: $(STAMP)
+	$(BIN)/rotator dev
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Both passes: the embedded defaults (SQLite, in-memory broker), then the real services
+# (PostgreSQL and Redis; see README "Testing"). The real pass fails if they are unreachable.
+test: lint test-embedded test-real
+
+test-embedded: $(STAMP)
+	ROTATOR_TEST_BACKEND=embedded $(BIN)/pytest
+
+test-real: $(STAMP)
+	ROTATOR_TEST_BACKEND=real $(BIN)/pytest
