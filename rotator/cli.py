@@ -160,9 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=cmd_api)
 
     for name, func in (("worker", cmd_worker), ("beat", cmd_beat)):
-        sub = commands.add_parser(name, help=f"run a Celery {name} (extra args go to Celery)")
-        sub.add_argument("celery_args", nargs=argparse.REMAINDER)
-        sub.set_defaults(func=func)
+        sub = commands.add_parser(
+            name, help=f"run a Celery {name}; other options go to Celery", add_help=False
+        )
+        sub.set_defaults(func=func, passthrough=True)
 
     db = commands.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)
     db.add_parser("upgrade", help="apply migrations up to the newest").set_defaults(
@@ -194,10 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; ``worker`` and ``beat`` hand every other option to Celery."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.celery_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from models.errors import DomainError
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         code: int = args.func(args)
     except ConfigurationError as exc:
