@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.middleware import RequestContextMiddleware
-from api.routes import endpoints, health
+from api.routes import deliveries, endpoints, events, health, org_secret
 from rotator import __version__
 from rotator.settings import get_settings
 
@@ -21,5 +21,9 @@ def create_app() -> FastAPI:
     errors.install(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(health.router)
+    # Before the endpoints router: /v1/webhooks/deliveries must not match /v1/webhooks/{id}.
+    app.include_router(deliveries.router)
     app.include_router(endpoints.router)
+    app.include_router(org_secret.router)
+    app.include_router(events.router)
     return app

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.clock import rfc3339
+from models.delivery import DeliveryAttempt
 from models.endpoint import WebhookEndpoint
 
 
@@ -90,3 +91,93 @@ def list_json(
     items: list[dict[str, Any]], *, limit: int, next_cursor: str | None
 ) -> dict[str, Any]:
     return {"success": True, "data": items, "meta": {"limit": limit, "next_cursor": next_cursor}}
+
+
+# --- events, deliveries, org secret ------------------------------------------------------------
+
+
+class EventPublish(_Strict):
+    type: str = Field(description="a subscribable event type")
+    data: dict[str, Any] = Field(default_factory=dict, description="the event payload")
+
+
+class PublishedDelivery(BaseModel):
+    id: str
+    endpoint_id: str
+
+
+class PublishedEvent(BaseModel):
+    id: str
+    type: str
+    created_at: str
+    deliveries: list[PublishedDelivery]
+
+
+class DeliveryAttemptOut(BaseModel):
+    id: str
+    endpoint_id: str
+    event_id: str
+    event_type: str
+    url: str
+    attempt: int
+    outcome: str = Field(description="success | retry | dead")
+    response_status: int | None
+    response_time_ms: int
+    request_body_sha256: str
+    request_body_bytes: int
+    response_body_excerpt: str
+    request_headers: dict[str, str] = Field(description="as sent; signature values redacted")
+    error: str | None
+    occurred_at: str
+
+
+class DeliveryAttemptList(BaseModel):
+    success: bool = True
+    data: list[DeliveryAttemptOut]
+    meta: ListMeta
+
+
+class ReplayOut(BaseModel):
+    delivery_id: str = Field(description="the delivery attempt that was replayed")
+    endpoint_id: str
+    event_type: str
+    new_event_id: str
+    enqueued_at: str
+
+
+class TestDeliveryOut(BaseModel):
+    event_id: str
+    outcome: str = Field(description="success | retry | dead")
+    url: str
+    response_status: int | None
+    response_time_ms: int
+    response_body_excerpt: str
+    error: str | None
+
+
+class OrgSecretRotated(BaseModel):
+    webhook_secret: str = Field(description="standard base64 of 32 bytes; shown once")
+    rotated_at: str
+    previous_valid_until: str = Field(
+        description="until when the previous secret (if there was one) still signs"
+    )
+
+
+def attempt_json(attempt: DeliveryAttempt) -> dict[str, Any]:
+    return {
+        "id": str(attempt.id),
+        "endpoint_id": str(attempt.endpoint_id),
+        "event_id": attempt.event_id,
+        "event_type": attempt.event_type,
+        "url": attempt.url,
+        "attempt": attempt.attempt,
+        "outcome": attempt.outcome,
+        "response_status": attempt.response_status,
+        "response_time_ms": attempt.response_time_ms,
+        "request_body_sha256": attempt.request_body_sha256,
+        "request_body_bytes": attempt.request_body_bytes,
+        "response_body_excerpt": attempt.response_body_excerpt,
+        "request_headers": dict(attempt.request_headers),
+        "error": attempt.error,
+        "occurred_at": rfc3339(attempt.occurred_at),
+    }

@@ -5,7 +5,18 @@ Importing this package registers every table on ``Base.metadata`` (Alembic and
 """
 
 from models.base import Base
+from models.delivery import Delivery, DeliveryAttempt, Event
 from models.endpoint import WebhookEndpoint
 from models.org import ApiKey, Organization
+from models.org_secret import OrgSecret
 
-__all__ = ["ApiKey", "Base", "Organization", "WebhookEndpoint"]
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Delivery",
+    "DeliveryAttempt",
+    "Event",
+    "OrgSecret",
+    "Organization",
+    "WebhookEndpoint",
+]

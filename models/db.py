@@ -23,6 +23,7 @@ from rotator.settings import Settings, get_settings
 log = logging.getLogger("rotator.db")
 
 _AFTER_COMMIT = "rotator.after_commit"
+_TRANSACTION_STATE = "rotator.transaction_state"
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -125,8 +126,15 @@ def after_commit(session: Session, callback: Callable[[], None]) -> None:
     session.info.setdefault(_AFTER_COMMIT, []).append(callback)
 
 
+def transaction_state(session: Session) -> dict[str, Any]:
+    """A dict that lives until the session's current transaction commits or rolls back."""
+    state: dict[str, Any] = session.info.setdefault(_TRANSACTION_STATE, {})
+    return state
+
+
 @event.listens_for(Session, "after_commit")
 def _run_after_commit(session: Session) -> None:
+    session.info.pop(_TRANSACTION_STATE, None)
     callbacks: list[Callable[[], None]] = session.info.pop(_AFTER_COMMIT, [])
     for callback in callbacks:
         try:
@@ -139,6 +147,7 @@ def _run_after_commit(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _drop_after_commit(session: Session) -> None:
     session.info.pop(_AFTER_COMMIT, None)
+    session.info.pop(_TRANSACTION_STATE, None)
 
 
 _database: Database | None = None

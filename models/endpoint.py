@@ -86,8 +86,8 @@ def check_url(session: Session, url: Any) -> str | None:
         return "is required"
     if len(url) > MAX_URL:
         return f"must be at most {MAX_URL} characters"
-    if any(char.isspace() for char in url):
-        return "must not contain whitespace"
+    if any(char.isspace() or ord(char) < 32 or 0x7F <= ord(char) < 0xA0 for char in url):
+        return "must not contain whitespace or control characters"
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a malformed port
@@ -121,6 +121,8 @@ def check_description(description: Any) -> str | None:
         return "must be a string"
     if len(description) > MAX_DESCRIPTION:
         return f"must be at most {MAX_DESCRIPTION} characters"
+    if "\x00" in description:
+        return "must not contain NUL characters"
     return None
 
 
@@ -148,7 +150,7 @@ def create_endpoint(
 
     ``over_limit_by`` lets a safe migrate exceed the cap by its one new endpoint.
     """
-    version = api_version or SUPPORTED_API_VERSIONS[0]
+    version = SUPPORTED_API_VERSIONS[0] if api_version is None else api_version
     _raise_if(
         {
             "url": check_url(session, url),
@@ -266,8 +268,11 @@ def update_endpoint(
 
 def delete_endpoint(session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID) -> WebhookEndpoint:
     """Soft delete: the row and its history stay, the endpoint stops receiving."""
+    from models.delivery import abandon_pending  # delivery builds on endpoint, not vice versa
+
     endpoint = get_endpoint(session, org_id, endpoint_id, for_update=True)
     now = clock.now()
+    abandon_pending(session, endpoint.id)
     endpoint.deleted_at = now
     endpoint.active = False
     endpoint.updated_at = now

@@ -7,7 +7,7 @@ import binascii
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Select, and_, or_
@@ -34,7 +34,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, row_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
         value = datetime.fromisoformat(created), uuid.UUID(row_id)
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        if value[0].tzinfo is not None:
+            value[0].astimezone(UTC)  # raises OverflowError out of range
+    except (binascii.Error, ValueError, TypeError, AttributeError, OverflowError):
         raise ValidationFailed({"cursor": "invalid cursor"}) from None
     if value[0].tzinfo is None:
         raise ValidationFailed({"cursor": "invalid cursor"})

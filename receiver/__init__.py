@@ -1,9 +1,11 @@
-"""What a webhook receiver needs to trust a Rotator delivery: both signature schemes.
+"""What a webhook receiver needs to trust a Rotator delivery: both signature schemes, and a
+small demo receiver server (``receiver.server``, run by ``rotator receiver``).
 
 Importable on its own (standard library and ``cryptography`` only), so receivers can depend on
 it without the rest of Rotator; the workers sign with the same functions.
 """
 
+from receiver.server import AcceptedDelivery, DemoReceiver, run, serve
 from receiver.signing import (
     AMCORE_ORG_SIGNATURE_HEADER,
     AMCORE_SIGNATURE_HEADER,
@@ -33,7 +35,9 @@ __all__ = [
     "WEBHOOK_ID_HEADER",
     "WEBHOOK_SIGNATURE_HEADER",
     "WEBHOOK_TIMESTAMP_HEADER",
+    "AcceptedDelivery",
     "BadSignature",
+    "DemoReceiver",
     "MalformedHeader",
     "MissingHeaders",
     "StaleTimestamp",
@@ -42,6 +46,8 @@ __all__ = [
     "amcore_header",
     "decode_secret",
     "parse_event",
+    "run",
+    "serve",
     "sign_amcore",
     "sign_standard",
     "signature_headers",

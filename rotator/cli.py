@@ -144,6 +144,21 @@ def cmd_secrets_reencrypt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_receiver(args: argparse.Namespace) -> int:
+    from receiver.server import DemoReceiver, run
+
+    try:
+        demo = DemoReceiver(args.secret, org_secrets=args.org_secret, tolerance_s=args.tolerance)
+    except ValueError as exc:  # the message never echoes the secret
+        print(f"rotator: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run(demo, args.host, args.port)
+    except OSError as exc:  # e.g. the port is taken
+        print(f"rotator: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rotator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_parser(
         "reencrypt", help="re-encrypt every stored secret under the first ROTATOR_ENCRYPTION_KEYS"
     ).set_defaults(func=cmd_secrets_reencrypt)
+
+    rec = commands.add_parser("receiver", help="run the demo webhook receiver")
+    rec.add_argument("--host", default="127.0.0.1")
+    rec.add_argument("--port", type=int, default=9000)
+    rec.add_argument(
+        "--secret", action="append", required=True, help="endpoint secret (base64), newest first"
+    )
+    rec.add_argument(
+        "--org-secret", action="append", default=[], help="org secret: also check the org signature"
+    )
+    rec.add_argument("--tolerance", type=int, default=300, help="max timestamp age in seconds")
+    rec.set_defaults(func=cmd_receiver)
     return parser
 
 

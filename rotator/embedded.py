@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 from celery.beat import EmbeddedService
 from celery.worker import WorkController
+from celery.worker import state as worker_state
 
 from rotator.settings import Settings
 
@@ -34,8 +35,10 @@ class _Worker(WorkController):
 @contextmanager
 def background_services(settings: Settings, *, concurrency: int = 4) -> Iterator[None]:
     """Run a worker and beat in this process until the block exits."""
+    from schedules.beat import beat_schedule
     from workers.app import app
 
+    app.conf.beat_schedule = beat_schedule(settings)
     app.loader.import_default_modules()
     worker = _Worker(
         app=app,
@@ -63,3 +66,5 @@ def background_services(settings: Settings, *, concurrency: int = 4) -> Iterator
         beat.stop()
         worker.stop(in_sighandler=False)
         worker_thread.join(timeout=10)
+        # Celery keeps "shutting down" in module state; clear it so a later worker can start.
+        worker_state.should_terminate = None

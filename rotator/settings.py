@@ -51,6 +51,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     log_level: str = "INFO"
 
+    delivery_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # Seconds to wait after each failed attempt; once used up, the delivery is dead.
+    delivery_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+    )
+    delivery_retry_jitter: float = Field(default=0.1, ge=0, lt=1)
+    replay_limit_per_minute: int = Field(default=10, ge=1)
+    # Multiplies every beat period (tests shorten them; production leaves it at 1).
+    beat_period_scale: float = Field(default=1.0, gt=0, le=10)
+
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
 
@@ -58,6 +68,18 @@ class Settings(BaseSettings):
     @classmethod
     def _keys_from_csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("delivery_retry_schedule", mode="before")
+    @classmethod
+    def _schedule_from_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("delivery_retry_schedule")
+    @classmethod
+    def _schedule_is_positive(cls, value: list[float]) -> list[float]:
+        if any(delay <= 0 for delay in value):
+            raise ValueError("retry delays must be positive seconds")
+        return value
 
     @field_validator("encryption_keys")
     @classmethod

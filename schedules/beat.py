@@ -9,8 +9,22 @@ from __future__ import annotations
 from typing import Any
 
 from rotator.settings import Settings
+from workers.names import TaskName
+
+# (task, period in seconds)
+TICKS: tuple[tuple[TaskName, float], ...] = (
+    (TaskName.DELIVERY_RECONCILE, 15.0),
+    (TaskName.ORG_SECRET_SWEEP, 30.0),
+)
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    del settings
-    return {}
+    scale = settings.beat_period_scale
+    return {
+        str(name): {
+            "task": str(name),
+            "schedule": period * scale,
+            "options": {"expires": period * scale},
+        }
+        for name, period in TICKS
+    }

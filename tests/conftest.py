@@ -13,9 +13,14 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,6 +58,7 @@ from sqlalchemy import text  # noqa: E402
 from models import Base, clock  # noqa: E402
 from models.db import Database, get_database, set_database  # noqa: E402
 from rotator.settings import Settings, get_settings  # noqa: E402
+from tests.processes import BIN, rotator_env, start, stop  # noqa: E402
 
 
 def _require_services() -> None:
@@ -129,3 +135,123 @@ def app(database: Database):
 def client(app) -> Iterator[TestClient]:
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
+
+
+# --- live processes -----------------------------------------------------------------------------
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``settings`` as the ROTATOR_ environment a child process reads them from."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if isinstance(value, list):
+            value = ",".join(str(item) for item in value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[f"ROTATOR_{name.upper()}"] = str(value)
+    return env
+
+
+@contextmanager
+def overridden(settings: Settings, **values: Any) -> Iterator[Settings]:
+    """Change the live settings object (every session reads it) for the block's duration."""
+    saved = {name: getattr(settings, name) for name in values}
+    for name, value in values.items():
+        setattr(settings, name, value)
+    try:
+        yield settings
+    finally:
+        for name, value in saved.items():
+            setattr(settings, name, value)
+
+
+# What end-to-end tests run with: loopback receivers, a retry schedule of moments, short beats.
+E2E_SETTINGS: dict[str, Any] = {
+    "allow_insecure_urls": True,
+    "delivery_retry_schedule": [0.3, 0.3, 0.3],
+    "delivery_retry_jitter": 0.0,
+    "delivery_timeout_seconds": 3.0,
+    "beat_period_scale": 0.1,
+}
+
+
+@dataclass
+class Workers:
+    """The worker side of an end-to-end test: a real Celery worker (and beat)."""
+
+    settings: Settings
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def e2e_settings(database: Database, request: pytest.FixtureRequest) -> Iterator[Settings]:
+    extra = getattr(request.module, "E2E_OVERRIDES", {})
+    with overridden(database.settings, **{**E2E_SETTINGS, **extra}) as settings:
+        yield settings
+
+
+@pytest.fixture(scope="module")
+def workers(e2e_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+    """A real Celery worker and beat on the pass's broker.
+
+    Real pass: ``rotator worker`` and ``rotator beat`` as their own processes on Redis.
+    Embedded pass: the worker thread and beat of ``rotator dev`` on the in-memory broker.
+    """
+    from workers.app import app as celery_app
+
+    handle = Workers(settings=e2e_settings)
+    if BACKEND == "embedded":
+        from rotator.embedded import background_services
+
+        with background_services(e2e_settings):
+            yield handle
+        return
+    celery_app.control.purge()
+    logs = tmp_path_factory.mktemp("workers")
+    env = {**rotator_env(), **settings_env(e2e_settings)}
+    worker_log, beat_log = logs / "worker.log", logs / "beat.log"
+    worker = start(
+        [
+            str(BIN / "rotator"),
+            "worker",
+            "--loglevel=INFO",
+            "--concurrency=2",
+            "--without-mingle",
+            "--without-gossip",
+            f"--hostname=e2e-{os.getpid()}@%h",
+        ],
+        env,
+        worker_log,
+        cwd=logs,
+    )
+    beat = start(
+        [
+            str(BIN / "rotator"),
+            "beat",
+            "--loglevel=INFO",
+            f"--schedule={logs / 'celerybeat-schedule'}",
+        ],
+        env,
+        beat_log,
+        cwd=logs,
+    )
+    handle.procs += [worker, beat]
+    try:
+        _wait_for_log(worker, worker_log, "ready.")
+        yield handle
+    finally:
+        for proc in handle.procs:
+            stop(proc)
+
+
+def _wait_for_log(
+    proc: subprocess.Popen[bytes], log: Path, marker: str, timeout: float = 30
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()}")
+        if marker in log.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{marker!r} not in {log} after {timeout}s:\n{log.read_text()}")

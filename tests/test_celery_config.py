@@ -22,7 +22,7 @@ def test_json_only_utc_and_events_for_flower():
     assert conf.task_serializer == "json"
     assert list(conf.accept_content) == ["json"]
     assert conf.enable_utc is True
-    assert conf.timezone == "UTC"
+    assert str(conf.timezone) == "UTC"
     assert conf.worker_send_task_events is True
     assert conf.task_send_sent_event is True
 

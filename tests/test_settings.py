@@ -29,7 +29,7 @@ def test_development_keeps_a_local_key_file_and_warns(tmp_path, caplog):
 
 def test_configured_keys_come_first_in_order():
     old, new = generate_key(), generate_key()
-    settings = Settings(encryption_keys=f"{new}, {old}")  # type: ignore[arg-type]
+    settings = Settings(encryption_keys=f"{new}, {old}")
     assert settings.encryption_key_bytes() == [base64.b64decode(new), base64.b64decode(old)]
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, body_doc, read_json, require
 from api.errors import responses
@@ -16,11 +17,15 @@ from api.schemas import (
     EndpointList,
     EndpointUpdate,
     EndpointWithSecret,
+    TestDeliveryOut,
     endpoint_json,
     list_json,
 )
+from models import delivery as deliveries
 from models import endpoint as endpoints
+from models.errors import NotFound
 from models.org import Scope
+from workers.deliveries import attempt
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
@@ -106,3 +111,25 @@ async def rotate_secret(endpoint_id: uuid.UUID, caller: Writer) -> JSONResponse:
     """Replace the secret immediately, with no grace window. Shown once."""
     rotated = await caller.run(endpoints.rotate_secret, endpoint_id)
     return JSONResponse(endpoint_json(rotated.endpoint, secret=rotated.secret))
+
+
+@router.post(
+    "/{endpoint_id}/test", response_model=TestDeliveryOut, responses=responses(401, 403, 404, 422)
+)
+async def send_test(endpoint_id: uuid.UUID, caller: Writer) -> JSONResponse:
+    """Send a ``webhook.test`` event now, signed like a real delivery, and report the outcome."""
+    delivery = await caller.run(deliveries.create_test_delivery, endpoint_id)
+    sent = await run_in_threadpool(attempt, caller.db, delivery.id)
+    if sent is None:  # the endpoint was deleted between the two steps
+        raise NotFound()
+    return JSONResponse(
+        {
+            "event_id": sent.event_id,
+            "outcome": sent.outcome,
+            "url": sent.url,
+            "response_status": sent.response_status,
+            "response_time_ms": sent.response_time_ms,
+            "response_body_excerpt": sent.response_body_excerpt,
+            "error": sent.error,
+        }
+    )

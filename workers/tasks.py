@@ -1,1 +1,0 @@
-"""Task bodies: load by id, call the domain, commit. Nothing else lives here."""
