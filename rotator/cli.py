@@ -25,7 +25,7 @@ def _database() -> Database:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     os.environ.setdefault("ROTATOR_ALLOW_INSECURE_URLS", "true")
-    os.environ.setdefault("ROTATOR_BROKER_URL", "memory://")
+    os.environ.setdefault("ROTATOR_BROKER_URL", "memory://localhost/")
     get_settings.cache_clear()
     settings = get_settings()
     if not settings.broker_url.startswith("memory://"):

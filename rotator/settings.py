@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     env: Literal["development", "test", "production"] = "development"
     data_dir: Path = DEFAULT_DATA_DIR
     database_url: str = ""
-    broker_url: str = "memory://"
+    broker_url: str = "memory://localhost/"
     # Keys that encrypt secrets at rest: standard base64 of 32 bytes, comma separated. The
     # first encrypts; every one of them decrypts, so a key can be retired gradually.
     encryption_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -38,7 +38,7 @@ if BACKEND == "real":
     BROKER_URL = os.environ.get("ROTATOR_TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
 else:
     DATABASE_URL = f"sqlite:///{_DATA_DIR / 'rotator.db'}"
-    BROKER_URL = "memory://"
+    BROKER_URL = "memory://localhost/"
 
 # Settings are read at import time by the Celery app: set them before importing the project.
 os.environ.update(
@@ -181,6 +181,7 @@ class Workers:
 
     settings: Settings
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +237,7 @@ def workers(e2e_settings: Settings, tmp_path_factory: pytest.TempPathFactory) ->
         cwd=logs,
     )
     handle.procs += [worker, beat]
+    handle.logs += [worker_log, beat_log]
     try:
         _wait_for_log(worker, worker_log, "ready.")
         yield handle
