@@ -57,8 +57,10 @@ def test_published_event_is_delivered_signed_and_verifiable(client, database, wo
         (got,) = receiver.wait_for(1)
         attempts = _wait_attempts(client, tenant, 1)
     body = got.event
-    assert body["id"] == event["id"] and body["type"] == "brand.vetted"
-    assert body["org_id"] == str(tenant.org_id) and body["api_version"] == "2026-04-01"
+    assert body["id"] == event["id"]
+    assert body["type"] == "brand.vetted"
+    assert body["org_id"] == str(tenant.org_id)
+    assert body["api_version"] == "2026-04-01"
     assert body["data"] == {"brand": "b_1", "note": "ünïcode"}
     # Both schemes verify with the endpoint's secret, and the independent library agrees.
     assert verify(got.headers, got.body, [endpoint["secret"]], scheme="standard").scheme
@@ -67,8 +69,10 @@ def test_published_event_is_delivered_signed_and_verifiable(client, database, wo
     with pytest.raises(BadSignature):
         verify(got.headers, got.body, [other["secret"]], scheme="standard")
     (logged,) = attempts
-    assert logged["outcome"] == "success" and logged["response_status"] == 200
-    assert logged["event_id"] == event["id"] and logged["attempt"] == 1
+    assert logged["outcome"] == "success"
+    assert logged["response_status"] == 200
+    assert logged["event_id"] == event["id"]
+    assert logged["attempt"] == 1
     assert endpoint["secret"] not in str(logged)
 
 
@@ -83,7 +87,8 @@ def test_receiver_failure_is_retried_then_succeeds(client, database, workers):
     assert [a["outcome"] for a in attempts] == ["retry", "success"]
     assert [a["response_status"] for a in attempts] == [500, 200]
     # The same event, re-signed with its own timestamp on each attempt.
-    assert first.body == second.body and first.event["id"] == event["id"]
+    assert first.body == second.body
+    assert first.event["id"] == event["id"]
     assert first.headers["webhook-id"] == second.headers["webhook-id"] == event["id"]
 
 

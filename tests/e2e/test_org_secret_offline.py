@@ -49,5 +49,7 @@ def test_stopped_workers_cannot_extend_the_window(client, database, e2e_settings
             break
         time.sleep(0.2)
     assert previous is not None, "the overdue previous secret was never marked expired"
-    assert previous.state == "expired" and previous.expired_by in ("task", "sweeper")
-    assert previous.expiry_lag_seconds is not None and previous.expiry_lag_seconds > 0
+    assert previous.state == "expired"
+    assert previous.expired_by in ("task", "sweeper")
+    assert previous.expiry_lag_seconds is not None
+    assert previous.expiry_lag_seconds > 0
