@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.middleware import RequestContextMiddleware
-from api.routes import deliveries, endpoints, events, health, org_secret
+from api.routes import deliveries, endpoints, events, health, operations, org_secret
 from rotator import __version__
 from rotator.settings import get_settings
 
@@ -26,4 +26,5 @@ def create_app() -> FastAPI:
     app.include_router(endpoints.router)
     app.include_router(org_secret.router)
     app.include_router(events.router)
+    app.include_router(operations.router)
     return app

@@ -72,14 +72,20 @@ def require(scope: Scope) -> Callable[..., Any]:
     return dependency
 
 
-async def read_json(request: Request, model: type[M]) -> M:
-    """Parse the body into ``model`` (strict, unknown fields refused) with envelope errors."""
+async def read_json(request: Request, model: type[M], *, optional: bool = False) -> M:
+    """Parse the body into ``model`` (strict, unknown fields refused) with envelope errors.
+
+    With ``optional``, an empty body means ``{}``.
+    """
     raw = await request.body()
     if not raw.strip():
+        if optional:
+            return model.model_validate({})
         raise ValidationFailed({"body": "a JSON object is required"})
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        json.dumps(data, ensure_ascii=False).encode()  # refuses lone surrogates
+    except (ValueError, UnicodeError, RecursionError):
         raise ValidationFailed({"body": "malformed JSON"}) from None
     if not isinstance(data, dict):
         raise ValidationFailed({"body": "must be a JSON object"})

@@ -6,6 +6,7 @@ GET pays for one dict, not a model validation round trip.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.clock import rfc3339
 from models.delivery import DeliveryAttempt
 from models.endpoint import WebhookEndpoint
+from models.operation import Operation
 
 
 class _Strict(BaseModel):
@@ -181,3 +183,108 @@ def attempt_json(attempt: DeliveryAttempt) -> dict[str, Any]:
         "error": attempt.error,
         "occurred_at": rfc3339(attempt.occurred_at),
     }
+
+
+# --- operations --------------------------------------------------------------------------------
+
+
+class MigrateRequest(_Strict):
+    """All optional: the new endpoint copies the old one's url, events and description."""
+
+    url: str | None = None
+    events: list[str] | None = None
+    description: str | None = None
+    deadline_seconds: int = Field(default=900, description="60-86400")
+
+
+class OperationError(BaseModel):
+    code: str
+    message: str
+
+
+class OperationStepOut(BaseModel):
+    name: str
+    state: str = Field(description="pending | running | succeeded | failed | skipped")
+    attempts: int
+    started_at: str | None
+    finished_at: str | None
+    next_attempt_at: str | None
+    last_error: str | None
+
+
+class OperationOut(BaseModel):
+    id: str
+    org_id: str
+    kind: str = Field(description="safe_migrate | scheduled_rotation | org_secret_rotation")
+    state: str = Field(
+        description="pending | running | awaiting_receiver | succeeded | rolled_back | failed"
+        " | canceled"
+    )
+    trigger: str = Field(description="api | schedule")
+    policy_id: str | None
+    source_endpoint_id: str | None
+    new_endpoint_id: str | None
+    steps: list[OperationStepOut]
+    deadline_at: str
+    error: OperationError | None
+    created_at: str
+    updated_at: str
+    finished_at: str | None
+
+
+class OperationWithSecret(OperationOut):
+    secret: str = Field(description="the new endpoint's secret; shown once")
+    secret_displayed_once: bool = True
+
+
+class OperationList(BaseModel):
+    success: bool = True
+    data: list[OperationOut]
+    meta: ListMeta
+
+
+class RevealedSecret(BaseModel):
+    operation_id: str
+    new_endpoint_id: str | None
+    secret: str
+    secret_displayed_once: bool = True
+
+
+def _time(value: datetime | None) -> str | None:
+    return rfc3339(value) if value is not None else None
+
+
+def operation_json(operation: Operation) -> dict[str, Any]:
+    return {
+        "id": str(operation.id),
+        "org_id": str(operation.org_id),
+        "kind": operation.kind,
+        "state": operation.state,
+        "trigger": operation.trigger,
+        "policy_id": _str(operation.policy_id),
+        "source_endpoint_id": _str(operation.source_endpoint_id),
+        "new_endpoint_id": _str(operation.new_endpoint_id),
+        "steps": [
+            {
+                "name": step.name,
+                "state": step.state,
+                "attempts": step.attempts,
+                "started_at": _time(step.started_at),
+                "finished_at": _time(step.finished_at),
+                "next_attempt_at": _time(step.next_attempt_at),
+                "last_error": step.last_error,
+            }
+            for step in operation.steps
+        ],
+        "deadline_at": rfc3339(operation.deadline_at),
+        "error": {"code": operation.error_code, "message": operation.error_message or ""}
+        if operation.error_code
+        else None,
+        "created_at": rfc3339(operation.created_at),
+        "updated_at": rfc3339(operation.updated_at),
+        "finished_at": _time(operation.finished_at),
+    }
+
+
+def _str(value: object | None) -> str | None:
+    return None if value is None else str(value)

@@ -7,6 +7,8 @@ Importing this package registers every table on ``Base.metadata`` (Alembic and
 from models.base import Base
 from models.delivery import Delivery, DeliveryAttempt, Event
 from models.endpoint import WebhookEndpoint
+from models.idempotency import IdempotencyKey
+from models.operation import Operation, OperationStep
 from models.org import ApiKey, Organization
 from models.org_secret import OrgSecret
 
@@ -16,6 +18,9 @@ __all__ = [
     "Delivery",
     "DeliveryAttempt",
     "Event",
+    "IdempotencyKey",
+    "Operation",
+    "OperationStep",
     "OrgSecret",
     "Organization",
     "WebhookEndpoint",

@@ -50,6 +50,7 @@ SIGNATURE_HEADERS = frozenset({"x-amcore-signature", "x-amcore-org-signature", "
 class DeliveryKind(StrEnum):
     EVENT = "event"  # retried on the schedule
     TEST = "test"  # one attempt, sent synchronously
+    PROBE = "probe"  # a safe migrate's test delivery: its operation decides when to try again
 
 
 class DeliveryState(StrEnum):
@@ -218,6 +219,9 @@ def _new_event(
         replay_of=replay_of,
     )
     session.add(event)
+    # No relationship() ties deliveries to events, so the flush would not order the INSERTs
+    # by the foreign key: write the event first.
+    session.flush()
     return event
 
 
@@ -241,8 +245,14 @@ def _new_delivery(
     return delivery
 
 
-def create_test_delivery(session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID) -> Delivery:
-    """A ``webhook.test`` event for one endpoint, to be sent once, at once."""
+def create_test_delivery(
+    session: Session,
+    org_id: uuid.UUID,
+    endpoint_id: uuid.UUID,
+    *,
+    kind: DeliveryKind = DeliveryKind.TEST,
+) -> Delivery:
+    """A ``webhook.test`` event for one endpoint: sent once (test) or until accepted (probe)."""
     endpoint = get_endpoint(session, org_id, endpoint_id)
     event = _new_event(
         session,
@@ -250,9 +260,27 @@ def create_test_delivery(session: Session, org_id: uuid.UUID, endpoint_id: uuid.
         TEST_EVENT,
         {"endpoint_id": str(endpoint.id), "message": "This is a test delivery from Rotator."},
     )
-    delivery = _new_delivery(session, event, endpoint.id, DeliveryKind.TEST)
+    delivery = _new_delivery(session, event, endpoint.id, kind)
     session.flush()
     return delivery
+
+
+def last_attempt(session: Session, delivery_id: uuid.UUID) -> DeliveryAttempt | None:
+    return session.scalars(
+        select(DeliveryAttempt)
+        .where(DeliveryAttempt.delivery_id == delivery_id)
+        .order_by(DeliveryAttempt.attempt.desc())
+        .limit(1)
+    ).one_or_none()
+
+
+def close_probe(session: Session, delivery_id: uuid.UUID) -> None:
+    """A probe whose operation ended without success is dead: nothing will send it again."""
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING)
+        .values(state=DeliveryState.DEAD, next_attempt_at=None, updated_at=clock.now())
+    )
 
 
 # --- one attempt ------------------------------------------------------------------------------
@@ -339,10 +367,11 @@ def retry_delay(
     """
     if attempt > len(schedule):
         return None
-    delay = schedule[attempt - 1]
+    delay = schedule[attempt - 1] * (1 + random.uniform(-jitter, jitter))  # noqa: S311
     if retry_after_s is not None:
+        # A floor after jitter: never retry before the receiver asked (capped at the longest step).
         delay = max(delay, min(retry_after_s, max(schedule)))
-    return delay * (1 + random.uniform(-jitter, jitter))  # noqa: S311 - jitter, not crypto
+    return delay
 
 
 def recorded_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -366,6 +395,8 @@ def record(session: Session, plan: AttemptPlan, result: AttemptResult) -> Record
     retry_in: float | None = None
     if result.ok:
         outcome = Outcome.SUCCESS
+    elif delivery.kind == DeliveryKind.PROBE and delivery.state == DeliveryState.PENDING:
+        outcome = Outcome.RETRY
     elif delivery.kind == DeliveryKind.EVENT and delivery.state == DeliveryState.PENDING:
         retry_in = retry_delay(
             settings.delivery_retry_schedule,
@@ -379,6 +410,8 @@ def record(session: Session, plan: AttemptPlan, result: AttemptResult) -> Record
     if delivery.state == DeliveryState.PENDING:
         if retry_in is not None:
             delivery.next_attempt_at = now + timedelta(seconds=retry_in)
+        elif outcome == Outcome.RETRY:  # a probe: due whenever its operation says
+            delivery.next_attempt_at = None
         else:
             delivery.next_attempt_at = None
             delivery.state = (

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from models import clock
 from models.base import Base, IdMixin, UTCDateTime
 from models.db import box_of, settings_of
-from models.errors import LimitExceeded, NotFound, ValidationFailed
+from models.errors import Conflict, LimitExceeded, NotFound, ValidationFailed
 from models.events import SUBSCRIBABLE_EVENT_TYPES, SUPPORTED_API_VERSIONS, SYSTEM_EVENT_TYPES
 from models.ids import new_id
 from models.org import Organization
@@ -268,15 +268,25 @@ def update_endpoint(
 
 def delete_endpoint(session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID) -> WebhookEndpoint:
     """Soft delete: the row and its history stay, the endpoint stops receiving."""
-    from models.delivery import abandon_pending  # delivery builds on endpoint, not vice versa
+    # Operations and deliveries build on endpoints, not the other way round.
+    from models.operation import active_for_endpoint
 
     endpoint = get_endpoint(session, org_id, endpoint_id, for_update=True)
+    if active_for_endpoint(session, endpoint.id) is not None:
+        raise Conflict("a migration is running on this endpoint; cancel it first")
+    soft_delete(session, endpoint)
+    return endpoint
+
+
+def soft_delete(session: Session, endpoint: WebhookEndpoint) -> None:
+    """Mark deleted and abandon its pending deliveries (also used by safe migrate)."""
+    from models.delivery import abandon_pending
+
     now = clock.now()
     abandon_pending(session, endpoint.id)
     endpoint.deleted_at = now
     endpoint.active = False
     endpoint.updated_at = now
-    return endpoint
 
 
 def rotate_secret(session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID) -> WithSecret:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import org_secret
+from models import operation, org_secret
 from models.db import box_of
 from models.endpoint import WebhookEndpoint, seal_secret_bytes, signing_key
 
@@ -18,4 +18,8 @@ def reencrypt_all(session: Session) -> dict[str, int]:
         if not box.is_current(endpoint.secret_ciphertext):
             seal_secret_bytes(session, endpoint, signing_key(session, endpoint))
             endpoints += 1
-    return {"webhook_endpoints": endpoints, "org_secrets": org_secret.reencrypt(session)}
+    return {
+        "webhook_endpoints": endpoints,
+        "org_secrets": org_secret.reencrypt(session),
+        "operations": operation.reencrypt(session),
+    }

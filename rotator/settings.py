@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     )
     delivery_retry_jitter: float = Field(default=0.1, ge=0, lt=1)
     replay_limit_per_minute: int = Field(default=10, ge=1)
+    # Safe migrate: test deliveries back off from the first wait, doubling up to the last.
+    migrate_backoff_initial_seconds: float = Field(default=5.0, gt=0)
+    migrate_backoff_max_seconds: float = Field(default=60.0, gt=0)
+    # A task message overdue by this long was lost (or its worker died): the reconciler resends.
+    reconcile_after_seconds: float = Field(default=30.0, gt=0)
     # Multiplies every beat period (tests shorten them; production leaves it at 1).
     beat_period_scale: float = Field(default=1.0, gt=0, le=10)
 

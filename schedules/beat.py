@@ -14,6 +14,7 @@ from workers.names import TaskName
 # (task, period in seconds)
 TICKS: tuple[tuple[TaskName, float], ...] = (
     (TaskName.DELIVERY_RECONCILE, 15.0),
+    (TaskName.OPERATION_RECONCILE, 15.0),
     (TaskName.ORG_SECRET_SWEEP, 30.0),
 )
 

@@ -6,6 +6,7 @@ import logging
 from datetime import timedelta
 
 from models import delivery as deliveries
+from models import operation as operations
 from models import org_secret
 from models.db import get_database
 from workers.app import app
@@ -14,18 +15,35 @@ from workers.names import TaskName
 
 log = logging.getLogger("rotator.schedules")
 
-# A pending delivery overdue by more than this lost its message (or its worker): send again.
-DELIVERY_OVERDUE = timedelta(seconds=30)
-
 
 @app.task(name=TaskName.DELIVERY_RECONCILE)
 def reconcile_deliveries() -> int:
-    with get_database().session() as session:
-        due = deliveries.overdue(session, older_than=DELIVERY_OVERDUE)
+    """Pending deliveries overdue by more than ``reconcile_after_seconds`` lost their message."""
+    db = get_database()
+    with db.session() as session:
+        due = deliveries.overdue(
+            session, older_than=timedelta(seconds=db.settings.reconcile_after_seconds)
+        )
         for delivery_id in due:
             send_after_commit(session, TaskName.DELIVERY_SEND, delivery_id)
     if due:
         log.info("re-enqueued %d overdue deliveries", len(due))
+    return len(due)
+
+
+@app.task(name=TaskName.OPERATION_RECONCILE)
+def reconcile_operations() -> int:
+    """Unfinished operations whose next advance is overdue (lost message, Redis restart, dead
+    worker) are advanced again; a duplicate advance is harmless."""
+    db = get_database()
+    with db.session() as session:
+        due = operations.overdue(
+            session, older_than=timedelta(seconds=db.settings.reconcile_after_seconds)
+        )
+        for operation_id in due:
+            send_after_commit(session, TaskName.OPERATION_ADVANCE, operation_id)
+    if due:
+        log.info("re-enqueued %d stalled operations", len(due))
     return len(due)
 
 

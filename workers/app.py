@@ -14,7 +14,12 @@ from rotator.settings import Settings, get_settings
 from schedules.beat import beat_schedule
 
 # Task modules the worker imports at start-up (by name, so importing this module stays cheap).
-TASK_MODULES = ["workers.deliveries", "workers.org_secrets", "schedules.ticks"]
+TASK_MODULES = [
+    "workers.deliveries",
+    "workers.operations",
+    "workers.org_secrets",
+    "schedules.ticks",
+]
 
 # A task killed by its hard limit is redelivered; keep every limit far below the time Redis
 # waits before redelivering an unacknowledged message.

@@ -1,0 +1,96 @@
+"""``Idempotency-Key``: the same key and body return the first response again for 24 hours.
+
+The first response is kept sealed (it may carry a secret shown once); the same key with a
+different body is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ForeignKey, LargeBinary, String, UniqueConstraint, delete, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from models import clock
+from models.base import Base, IdMixin, UTCDateTime
+from models.db import box_of
+from models.errors import ValidationFailed
+from models.ids import new_id
+
+MAX_KEY_LENGTH = 255
+RETENTION = timedelta(hours=24)
+
+
+class IdempotencyKey(IdMixin, Base):
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("org_id", "key"),)
+
+    org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
+    key: Mapped[str] = mapped_column(String(MAX_KEY_LENGTH))
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    response_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+def request_fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(
+        json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
+    ).hexdigest()
+
+
+def check_key(key: str) -> None:
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+        raise ValidationFailed(
+            {"Idempotency-Key": f"must be 1-{MAX_KEY_LENGTH} printable characters"}
+        )
+
+
+def _context(row_id: uuid.UUID) -> str:
+    return f"idempotency.response:{row_id}"
+
+
+def recall(
+    session: Session, org_id: uuid.UUID, key: str, fingerprint: str
+) -> dict[str, Any] | None:
+    """The stored first response for this key, None if unused (or expired); 422 on mismatch."""
+    check_key(key)
+    row = session.scalars(
+        select(IdempotencyKey)
+        .where(IdempotencyKey.org_id == org_id, IdempotencyKey.key == key)
+        .with_for_update()
+    ).one_or_none()
+    if row is None:
+        return None
+    if row.created_at <= clock.now() - RETENTION:
+        session.execute(delete(IdempotencyKey).where(IdempotencyKey.id == row.id))
+        session.flush()
+        return None
+    if row.request_sha256 != fingerprint:
+        raise ValidationFailed({"Idempotency-Key": "was already used with a different request"})
+    response: dict[str, Any] = json.loads(
+        box_of(session).decrypt(row.response_ciphertext, context=_context(row.id))
+    )
+    return response
+
+
+def remember(
+    session: Session, org_id: uuid.UUID, key: str, fingerprint: str, response: dict[str, Any]
+) -> None:
+    row_id = new_id()
+    session.add(
+        IdempotencyKey(
+            id=row_id,
+            org_id=org_id,
+            key=key,
+            request_sha256=fingerprint,
+            response_ciphertext=box_of(session).encrypt(
+                json.dumps(response).encode(), context=_context(row_id)
+            ),
+            created_at=clock.now(),
+        )
+    )
+    session.flush()

@@ -1,0 +1,630 @@
+"""Operations: safe migrate and the other rotations, as a durable state machine (CONTRACT §4–§5).
+
+An operation is a row plus one row per step. ``begin_advance`` and ``finish_probe`` are the
+only transitions the workers make; each locks the operation, checks what is already done
+(DESIGN invariant 3), changes the rows, and says when to advance next. The HTTP request of a
+test delivery happens between them, outside any transaction. A safe migrate ends with exactly
+one live endpoint of the pair (invariant 4): deleting the old endpoint is the point of no
+return, and every other way out soft-deletes the new one.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    select,
+    text,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
+
+from models import clock
+from models import delivery as deliveries
+from models.base import Base, IdMixin, UTCDateTime
+from models.db import box_of, settings_of
+from models.endpoint import (
+    WebhookEndpoint,
+    check_description,
+    check_events,
+    check_url,
+    create_endpoint,
+    get_endpoint,
+    new_secret,
+    soft_delete,
+)
+from models.errors import Conflict, NotFound, ValidationFailed
+from models.ids import new_id
+from models.pagination import Page, paginate
+
+
+class OperationKind(StrEnum):
+    SAFE_MIGRATE = "safe_migrate"
+    SCHEDULED_ROTATION = "scheduled_rotation"
+    ORG_SECRET_ROTATION = "org_secret_rotation"  # noqa: S105 - a kind, not a secret
+
+
+class OperationState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    AWAITING_RECEIVER = "awaiting_receiver"
+    SUCCEEDED = "succeeded"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+TERMINAL_STATES = frozenset(
+    {
+        OperationState.SUCCEEDED,
+        OperationState.ROLLED_BACK,
+        OperationState.FAILED,
+        OperationState.CANCELED,
+    }
+)
+
+
+class StepState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class Trigger(StrEnum):
+    API = "api"
+    SCHEDULE = "schedule"
+
+
+class Step(StrEnum):
+    CREATE_ENDPOINT = "create_endpoint"
+    SEND_TEST_DELIVERY = "send_test_delivery"
+    AWAIT_SUCCESS = "await_success"
+    DELETE_OLD_ENDPOINT = "delete_old_endpoint"
+
+
+MIGRATE_STEPS: tuple[Step, ...] = (
+    Step.CREATE_ENDPOINT,
+    Step.SEND_TEST_DELIVERY,
+    Step.AWAIT_SUCCESS,
+    Step.DELETE_OLD_ENDPOINT,
+)
+PROBE_STEPS = frozenset({Step.SEND_TEST_DELIVERY, Step.AWAIT_SUCCESS})
+DEADLINE_MIN_S, DEADLINE_MAX_S, DEADLINE_DEFAULT_S = 60, 86_400, 900
+# While a test delivery is in flight the next advance is pushed this far past its timeout,
+# so the reconciler leaves the operation alone unless the worker died.
+PROBE_LEASE_MARGIN = timedelta(seconds=30)
+
+
+class Operation(IdMixin, Base):
+    __tablename__ = "operations"
+    __table_args__ = (
+        # At most one unfinished operation per source endpoint ("busy" → 409 CONFLICT).
+        Index(
+            "uq_operations_one_active_per_source",
+            "source_endpoint_id",
+            unique=True,
+            postgresql_where=text("finished_at IS NULL"),
+            sqlite_where=text("finished_at IS NULL"),
+        ),
+        Index("ix_operations_org_created", "org_id", "created_at", "id"),
+        Index("ix_operations_unfinished_next", "finished_at", "next_advance_at"),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(32))
+    trigger: Mapped[str] = mapped_column(String(16))
+    policy_id: Mapped[uuid.UUID | None] = mapped_column()
+    source_endpoint_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("webhook_endpoints.id"))
+    new_endpoint_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("webhook_endpoints.id"))
+    # The new endpoint's url/events/description, fixed when the operation starts.
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    handoff: Mapped[str] = mapped_column(String(16), default="none")
+    new_secret_ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
+    secret_revealed: Mapped[bool] = mapped_column(Boolean, default=False)
+    probe_delivery_id: Mapped[uuid.UUID | None] = mapped_column()
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    wait_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    deadline_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    next_advance_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    steps: Mapped[list[OperationStep]] = relationship(
+        order_by="OperationStep.position", lazy="selectin", cascade="all, delete-orphan"
+    )
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    def step(self, name: Step) -> OperationStep:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    def current_step(self) -> OperationStep | None:
+        for step in self.steps:
+            if step.state not in (StepState.SUCCEEDED, StepState.SKIPPED):
+                return step
+        return None
+
+    @property
+    def old_endpoint_deleted(self) -> bool:
+        """Past the point of no return: the old endpoint's deletion has committed."""
+        names = {step.name: step.state for step in self.steps}
+        return names.get(Step.DELETE_OLD_ENDPOINT) == StepState.SUCCEEDED
+
+
+class OperationStep(IdMixin, Base):
+    __tablename__ = "operation_steps"
+    __table_args__ = (UniqueConstraint("operation_id", "position"),)
+
+    operation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("operations.id"))
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+
+
+# --- starting ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    operation: Operation
+    secret: str | None  # shown once, in the response that started it (None: revealed later)
+
+
+def _secret_context(operation_id: uuid.UUID) -> str:
+    return f"operation.new_secret:{operation_id}"
+
+
+def start_migration(
+    session: Session,
+    org_id: uuid.UUID,
+    source_id: uuid.UUID,
+    *,
+    url: str | None = None,
+    events: Sequence[str] | None = None,
+    description: str | None = None,
+    deadline_seconds: int | None = None,
+    kind: OperationKind = OperationKind.SAFE_MIGRATE,
+    trigger: Trigger = Trigger.API,
+    policy_id: uuid.UUID | None = None,
+    handoff: str = "none",
+    reveal: bool = True,
+) -> Started:
+    """Start a safe migrate of ``source_id``: mint the new secret now, let the workers do the rest.
+
+    The new endpoint copies the source's url, events and description unless given. A second
+    migrate of an endpoint whose operation has not finished is a 409 CONFLICT.
+    """
+    source = get_endpoint(session, org_id, source_id, for_update=True)
+    deadline = DEADLINE_DEFAULT_S if deadline_seconds is None else deadline_seconds
+    params = {
+        "url": source.url if url is None else url,
+        "events": list(source.events if events is None else events),
+        "description": source.description if description is None else description,
+    }
+    problems = {
+        "url": check_url(session, params["url"]),
+        "events": check_events(params["events"]),
+        "description": check_description(params["description"]),
+        "deadline_seconds": None
+        if isinstance(deadline, int) and DEADLINE_MIN_S <= deadline <= DEADLINE_MAX_S
+        else f"must be {DEADLINE_MIN_S}-{DEADLINE_MAX_S} seconds",
+    }
+    details = {field: problem for field, problem in problems.items() if problem}
+    if details:
+        raise ValidationFailed(details)
+    if active_for_endpoint(session, source.id) is not None:
+        raise Conflict("a migration is already running on this endpoint")
+    now = clock.now()
+    secret = new_secret()
+    operation = Operation(
+        id=new_id(),
+        org_id=org_id,
+        kind=kind,
+        state=OperationState.PENDING,
+        trigger=trigger,
+        policy_id=policy_id,
+        source_endpoint_id=source.id,
+        params=params,
+        handoff=handoff,
+        secret_revealed=reveal,
+        cancel_requested=False,
+        wait_seconds=0.0,
+        deadline_at=now + timedelta(seconds=deadline),
+        next_advance_at=now,
+        created_at=now,
+        updated_at=now,
+    )
+    operation.new_secret_ciphertext = box_of(session).encrypt(
+        base64.b64decode(secret), context=_secret_context(operation.id)
+    )
+    operation.steps = [
+        OperationStep(id=new_id(), position=index, name=name, state=StepState.PENDING, attempts=0)
+        for index, name in enumerate(MIGRATE_STEPS)
+    ]
+    try:
+        with session.begin_nested():
+            session.add(operation)
+    except IntegrityError:  # a concurrent migrate of the same endpoint won the race
+        raise Conflict("a migration is already running on this endpoint") from None
+    return Started(operation=operation, secret=secret if reveal else None)
+
+
+def active_for_endpoint(session: Session, endpoint_id: uuid.UUID) -> Operation | None:
+    """The unfinished operation that uses ``endpoint_id`` as its source or its new endpoint."""
+    return session.scalars(
+        select(Operation).where(
+            Operation.finished_at.is_(None),
+            (Operation.source_endpoint_id == endpoint_id)
+            | (Operation.new_endpoint_id == endpoint_id),
+        )
+    ).first()
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def get_operation(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> Operation:
+    operation = session.scalars(
+        select(Operation).where(Operation.id == operation_id, Operation.org_id == org_id)
+    ).one_or_none()
+    if operation is None:
+        raise NotFound()
+    return operation
+
+
+def list_operations(
+    session: Session,
+    org_id: uuid.UUID,
+    *,
+    state: str | None,
+    kind: str | None,
+    endpoint_id: uuid.UUID | None,
+    limit: int,
+    cursor: str | None,
+) -> Page[Operation]:
+    problems = {}
+    if state is not None and state not in {s.value for s in OperationState}:
+        problems["state"] = "unknown state"
+    if kind is not None and kind not in {k.value for k in OperationKind}:
+        problems["kind"] = "unknown kind"
+    if problems:
+        raise ValidationFailed(problems)
+    query = select(Operation).where(Operation.org_id == org_id)
+    if state:
+        query = query.where(Operation.state == state)
+    if kind:
+        query = query.where(Operation.kind == kind)
+    if endpoint_id:
+        query = query.where(
+            (Operation.source_endpoint_id == endpoint_id)
+            | (Operation.new_endpoint_id == endpoint_id)
+        )
+    return paginate(
+        session,
+        query,
+        created_at=Operation.created_at,
+        id_column=Operation.id,
+        limit=limit,
+        cursor=cursor,
+    )
+
+
+def new_secret_of(session: Session, operation: Operation) -> str:
+    if operation.new_secret_ciphertext is None:
+        raise Conflict("this operation has no endpoint secret")
+    raw = box_of(session).decrypt(
+        operation.new_secret_ciphertext, context=_secret_context(operation.id)
+    )
+    return base64.b64encode(raw).decode()
+
+
+def reveal_secret(
+    session: Session, org_id: uuid.UUID, operation_id: uuid.UUID
+) -> tuple[Operation, str]:
+    """Hand out the new endpoint's secret once, for operations no response revealed."""
+    operation = _locked(session, org_id, operation_id)
+    if operation.secret_revealed or operation.new_secret_ciphertext is None:
+        raise Conflict("the secret of this operation was already revealed")
+    operation.secret_revealed = True
+    operation.updated_at = clock.now()
+    return operation, new_secret_of(session, operation)
+
+
+def _locked(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> Operation:
+    operation = session.scalars(
+        select(Operation)
+        .where(Operation.id == operation_id, Operation.org_id == org_id)
+        .with_for_update()
+    ).one_or_none()
+    if operation is None:
+        raise NotFound()
+    return operation
+
+
+def request_cancel(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> Operation:
+    """Ask for a roll back; refused once the old endpoint is deleted or the operation ended."""
+    operation = _locked(session, org_id, operation_id)
+    if operation.finished:
+        raise Conflict("the operation has already ended")
+    if operation.old_endpoint_deleted:
+        raise Conflict("the old endpoint is already deleted; the migration cannot be canceled")
+    operation.cancel_requested = True
+    operation.next_advance_at = clock.now()
+    operation.updated_at = clock.now()
+    return operation
+
+
+# --- advancing --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Advance:
+    """What the worker does after the transaction: probe (send a test) and/or advance again."""
+
+    probe_delivery_id: uuid.UUID | None = None
+    again_in: float | None = None  # seconds until the next advance; None: nothing scheduled
+
+
+NOTHING = Advance()
+
+
+def _lock_for_advance(session: Session, operation_id: uuid.UUID) -> Operation | None:
+    return session.scalars(
+        select(Operation).where(Operation.id == operation_id).with_for_update()
+    ).one_or_none()
+
+
+def begin_advance(session: Session, operation_id: uuid.UUID) -> Advance:
+    """Run the operation's current step if it is due. Safe to call any number of times."""
+    operation = _lock_for_advance(session, operation_id)
+    now = clock.now()
+    if operation is None or operation.finished:
+        return NOTHING
+    if operation.next_advance_at is not None and operation.next_advance_at > now + timedelta(
+        seconds=1
+    ):
+        return NOTHING  # a duplicate or early message; the scheduled one will come
+    step = operation.current_step()
+    if step is None:  # pragma: no cover - the last step finishes the operation
+        return _finish(operation, OperationState.SUCCEEDED, now)
+    if operation.cancel_requested:  # the old endpoint is still live: roll back
+        return _roll_back(session, operation, OperationState.CANCELED, now, None, None)
+    if now >= operation.deadline_at and step.name != Step.DELETE_OLD_ENDPOINT:
+        return _roll_back(
+            session,
+            operation,
+            OperationState.ROLLED_BACK,
+            now,
+            "DEADLINE_EXCEEDED",
+            "the receiver did not accept a test delivery before the deadline",
+        )
+    if operation.state == OperationState.PENDING:
+        operation.state = OperationState.RUNNING
+    operation.updated_at = now
+    if step.name == Step.CREATE_ENDPOINT:
+        return _create_endpoint(session, operation, step, now)
+    if step.name in PROBE_STEPS:
+        return _start_probe(session, operation, step, now)
+    return _delete_old_endpoint(session, operation, step, now)
+
+
+def _begin_step(step: OperationStep, now: datetime) -> None:
+    step.state = StepState.RUNNING
+    step.attempts += 1
+    step.started_at = step.started_at or now
+    step.next_attempt_at = None
+
+
+def _succeed_step(step: OperationStep, now: datetime) -> None:
+    step.state = StepState.SUCCEEDED
+    step.finished_at = now
+    step.next_attempt_at = None
+    step.started_at = step.started_at or now
+
+
+def _advance_now(operation: Operation, now: datetime) -> Advance:
+    operation.next_advance_at = now
+    return Advance(again_in=0.0)
+
+
+def _create_endpoint(
+    session: Session, operation: Operation, step: OperationStep, now: datetime
+) -> Advance:
+    _begin_step(step, now)
+    if operation.new_endpoint_id is None:  # else: created by an earlier run of this step
+        params = operation.params
+        try:
+            created = create_endpoint(
+                session,
+                operation.org_id,
+                url=params["url"],
+                events=params["events"],
+                description=params["description"],
+                secret=new_secret_of(session, operation),
+                over_limit_by=1,
+            )
+        except (ValidationFailed, NotFound) as exc:
+            return _roll_back(session, operation, OperationState.FAILED, now, exc.code, exc.message)
+        operation.new_endpoint_id = created.endpoint.id
+    _succeed_step(step, now)
+    return _advance_now(operation, now)
+
+
+def _start_probe(
+    session: Session, operation: Operation, step: OperationStep, now: datetime
+) -> Advance:
+    if operation.new_endpoint_id is None:  # pragma: no cover - create_endpoint precedes
+        raise RuntimeError("probe before the new endpoint exists")
+    if operation.probe_delivery_id is None:
+        probe = deliveries.create_test_delivery(
+            session, operation.org_id, operation.new_endpoint_id, kind=deliveries.DeliveryKind.PROBE
+        )
+        operation.probe_delivery_id = probe.id
+    _begin_step(step, now)
+    timeout = timedelta(seconds=settings_of(session).delivery_timeout_seconds)
+    operation.next_advance_at = now + timeout + PROBE_LEASE_MARGIN
+    return Advance(probe_delivery_id=operation.probe_delivery_id)
+
+
+def finish_probe(session: Session, operation_id: uuid.UUID) -> Advance:
+    """Take the test delivery's outcome: move on when accepted, else wait (doubling) and retry."""
+    operation = _lock_for_advance(session, operation_id)
+    now = clock.now()
+    if operation is None or operation.finished or operation.probe_delivery_id is None:
+        return NOTHING
+    step = operation.current_step()
+    if step is None or step.name not in PROBE_STEPS:
+        return NOTHING  # another run already moved on
+    probe = session.get(deliveries.Delivery, operation.probe_delivery_id)
+    if probe is None:  # pragma: no cover - the probe row is written with the operation
+        return NOTHING
+    operation.updated_at = now
+    if probe.state == deliveries.DeliveryState.SUCCEEDED:
+        _succeed_step(step, now)
+        if step.name == Step.SEND_TEST_DELIVERY:
+            _succeed_step(operation.step(Step.AWAIT_SUCCESS), now)
+        operation.state = OperationState.RUNNING
+        operation.wait_seconds = 0.0
+        return _advance_now(operation, now)
+    last = deliveries.last_attempt(session, probe.id)
+    error = _describe(last)
+    if step.name == Step.SEND_TEST_DELIVERY:
+        _succeed_step(step, now)  # sent; the waiting is the next step's
+        step.last_error = error
+        step = operation.step(Step.AWAIT_SUCCESS)
+        step.started_at = now
+    step.state = StepState.RUNNING
+    step.last_error = error
+    settings = settings_of(session)
+    wait = (
+        settings.migrate_backoff_initial_seconds
+        if operation.wait_seconds <= 0
+        else min(operation.wait_seconds * 2, settings.migrate_backoff_max_seconds)
+    )
+    operation.wait_seconds = wait
+    next_at = min(now + timedelta(seconds=wait), operation.deadline_at)
+    step.next_attempt_at = next_at
+    operation.next_advance_at = next_at
+    operation.state = OperationState.AWAITING_RECEIVER
+    return Advance(again_in=max(0.0, (next_at - now).total_seconds()))
+
+
+def _describe(attempt: deliveries.DeliveryAttempt | None) -> str:
+    if attempt is None:
+        return "no response recorded"
+    if attempt.response_status is not None:
+        return f"receiver answered {attempt.response_status}"
+    return attempt.error or "delivery failed"
+
+
+def _delete_old_endpoint(
+    session: Session, operation: Operation, step: OperationStep, now: datetime
+) -> Advance:
+    _begin_step(step, now)
+    source = (
+        session.get(WebhookEndpoint, operation.source_endpoint_id)
+        if operation.source_endpoint_id
+        else None
+    )
+    if source is not None and source.deleted_at is None:
+        soft_delete(session, source)
+    _succeed_step(step, now)
+    return _finish(operation, OperationState.SUCCEEDED, now)
+
+
+def _finish(operation: Operation, state: OperationState, now: datetime) -> Advance:
+    operation.state = state
+    operation.finished_at = now
+    operation.updated_at = now
+    operation.next_advance_at = None
+    return NOTHING
+
+
+def _roll_back(
+    session: Session,
+    operation: Operation,
+    state: OperationState,
+    now: datetime,
+    code: str | None,
+    message: str | None,
+) -> Advance:
+    """Undo: the new endpoint is soft-deleted, the old one stays live."""
+    if operation.new_endpoint_id is not None:
+        new = session.get(WebhookEndpoint, operation.new_endpoint_id)
+        if new is not None and new.deleted_at is None:
+            soft_delete(session, new)
+    if operation.probe_delivery_id is not None:
+        deliveries.close_probe(session, operation.probe_delivery_id)
+    current = operation.current_step()
+    for step in operation.steps:
+        if step.state in (StepState.SUCCEEDED, StepState.SKIPPED):
+            continue
+        if step is current and step.state == StepState.RUNNING:
+            step.state = StepState.FAILED
+            step.finished_at = now
+            step.last_error = message or step.last_error or "canceled"
+        else:
+            step.state = StepState.SKIPPED
+        step.next_attempt_at = None
+    operation.error_code, operation.error_message = code, message
+    return _finish(operation, state, now)
+
+
+def overdue(session: Session, *, older_than: timedelta, limit: int = 500) -> list[uuid.UUID]:
+    """Unfinished operations whose next advance is overdue: their message was lost."""
+    cutoff = clock.now() - older_than
+    return list(
+        session.scalars(
+            select(Operation.id)
+            .where(Operation.finished_at.is_(None), Operation.next_advance_at <= cutoff)
+            .order_by(Operation.next_advance_at)
+            .limit(limit)
+        )
+    )
+
+
+def reencrypt(session: Session) -> int:
+    box = box_of(session)
+    count = 0
+    for operation in session.scalars(
+        select(Operation).where(Operation.new_secret_ciphertext.is_not(None)).with_for_update()
+    ):
+        blob = operation.new_secret_ciphertext
+        if blob is not None and not box.is_current(blob):
+            raw = box.decrypt(blob, context=_secret_context(operation.id))
+            operation.new_secret_ciphertext = box.encrypt(
+                raw, context=_secret_context(operation.id)
+            )
+            count += 1
+    return count
