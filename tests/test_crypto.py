@@ -64,9 +64,17 @@ def test_reencrypt_moves_every_endpoint_secret_to_the_first_key(database, settin
     )
     try:
         with rotated.session() as session:
-            assert reencrypt_all(session) == {"webhook_endpoints": 1, "org_secrets": 0, "operations": 0}
+            assert reencrypt_all(session) == {
+                "webhook_endpoints": 1,
+                "org_secrets": 0,
+                "operations": 0,
+            }
         with rotated.session() as session:
-            assert reencrypt_all(session) == {"webhook_endpoints": 0, "org_secrets": 0, "operations": 0}
+            assert reencrypt_all(session) == {
+                "webhook_endpoints": 0,
+                "org_secrets": 0,
+                "operations": 0,
+            }
         only_new = Database(settings.model_copy(update={"encryption_keys": [new_key]}))
         try:
             with only_new.session() as session:

@@ -2,7 +2,7 @@
 
 import base64
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select, text
@@ -50,8 +50,8 @@ def test_rotate_returns_the_secret_once_with_the_window(client, database, settin
     assert len(base64.b64decode(body["webhook_secret"], validate=True)) == 32
     assert body["rotated_at"].endswith("Z")
     assert body["previous_valid_until"].endswith("Z")
-    rotated = clock.datetime.fromisoformat(body["rotated_at"].replace("Z", "+00:00"))
-    until = clock.datetime.fromisoformat(body["previous_valid_until"].replace("Z", "+00:00"))
+    rotated = datetime.fromisoformat(body["rotated_at"].replace("Z", "+00:00"))
+    until = datetime.fromisoformat(body["previous_valid_until"].replace("Z", "+00:00"))
     assert until - rotated == timedelta(seconds=settings.org_secret_grace_seconds)
     # Stored encrypted: neither the base64 nor the raw bytes are in the row.
     with database.engine.connect() as connection:
