@@ -130,6 +130,18 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ops_list(args: argparse.Namespace) -> int:
+    from rotator.opsview import list_operations
+
+    return list_operations(_database(), sys.stdout, org_id=args.org, state=args.state)
+
+
+def cmd_ops_watch(args: argparse.Namespace) -> int:
+    from rotator.opsview import watch
+
+    return watch(_database(), args.operation_id)
+
+
 def cmd_secrets_genkey(args: argparse.Namespace) -> int:
     print(generate_key())
     return 0
@@ -199,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     key_revoke = keys.add_parser("revoke", help="revoke an API key")
     key_revoke.add_argument("key_id", type=uuid.UUID)
     key_revoke.set_defaults(func=cmd_keys_revoke)
+
+    ops = commands.add_parser("ops", help="operators' view of operations").add_subparsers(
+        dest="ops", required=True
+    )
+    ops_list = ops.add_parser("list", help="recent operations, newest first")
+    ops_list.add_argument("--org", type=uuid.UUID)
+    ops_list.add_argument("--state")
+    ops_list.set_defaults(func=cmd_ops_list)
+    ops_watch = ops.add_parser(
+        "watch", help="live view of one operation; exit 0 when it succeeded, 1 otherwise"
+    )
+    ops_watch.add_argument("operation_id", type=uuid.UUID)
+    ops_watch.set_defaults(func=cmd_ops_watch)
 
     sec = commands.add_parser("secrets").add_subparsers(dest="secrets", required=True)
     sec.add_parser("genkey", help="print a new at-rest encryption key").set_defaults(

@@ -1,0 +1,83 @@
+"""``rotator ops list`` and ``rotator ops watch``, against the test database."""
+
+import io
+import threading
+import uuid
+
+from models.endpoint import create_endpoint
+from models.operation import begin_advance, request_cancel, start_migration
+from receiver import DemoReceiver, serve
+from rotator.cli import main
+from rotator.opsview import watch
+from tests.conftest import overridden
+from tests.factories import make_tenant
+from workers.operations import advance
+
+
+def _migration(database, url="https://hooks.example/h"):
+    tenant = make_tenant(database)
+    with database.session() as session:
+        old = create_endpoint(session, tenant.org_id, url=url, events=["brand.vetted"])
+        started = start_migration(session, tenant.org_id, old.endpoint.id)
+    return tenant, old, started
+
+
+def test_list_shows_operations_newest_first_and_filters(database, capsys):
+    _, _, first = _migration(database)
+    _, _, second = _migration(database)
+    assert main(["ops", "list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["ID", "KIND", "STATE"]
+    assert [line.split()[0] for line in out[1:]] == [
+        str(second.operation.id),
+        str(first.operation.id),
+    ]
+    assert main(["ops", "list", "--org", str(first.operation.org_id)]) == 0
+    assert str(second.operation.id) not in capsys.readouterr().out
+    assert main(["ops", "list", "--state", "succeeded"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_watch_exits_non_zero_for_an_operation_that_did_not_succeed(database, capsys):
+    tenant, _, started = _migration(database)
+    with database.session() as session:
+        request_cancel(session, tenant.org_id, started.operation.id)
+    with database.session() as session:
+        begin_advance(session, started.operation.id)
+    assert main(["ops", "watch", str(started.operation.id)]) == 1
+    screen = capsys.readouterr().out
+    assert "canceled" in screen
+    assert "create_endpoint" in screen
+
+
+def test_watch_of_an_unknown_operation(capsys):
+    assert main(["ops", "watch", str(uuid.uuid4())]) == 2
+
+
+def test_watch_follows_a_live_migration_until_it_succeeds(database):
+    receiver = DemoReceiver(["A" * 43 + "="])
+    server = serve(receiver, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.server_address[1]}/hooks"
+    try:
+        with overridden(database.settings, allow_insecure_urls=True):
+            _, _, started = _migration(database, url=url)
+            receiver.add_secret(started.secret)
+            out = io.StringIO()
+            result: list[int] = []
+            watcher = threading.Thread(
+                target=lambda: result.append(
+                    watch(database, started.operation.id, out, interval=0.05)
+                )
+            )
+            watcher.start()
+            for _ in range(4):
+                advance(database, started.operation.id)
+            watcher.join(timeout=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result == [0]
+    screens = out.getvalue().split("operation ")
+    assert len(screens) >= 2  # it redrew as the steps moved
+    assert "succeeded" in screens[-1]
+    assert "✓ delete_old_endpoint" in screens[-1]
