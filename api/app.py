@@ -6,7 +6,16 @@ from fastapi import FastAPI
 
 from api import errors
 from api.middleware import RequestContextMiddleware
-from api.routes import deliveries, endpoints, events, health, operations, org_secret
+from api.routes import (
+    deliveries,
+    endpoints,
+    events,
+    health,
+    operations,
+    ops_page,
+    org_secret,
+    policies,
+)
 from rotator import __version__
 from rotator.settings import get_settings
 
@@ -27,4 +36,6 @@ def create_app() -> FastAPI:
     app.include_router(org_secret.router)
     app.include_router(events.router)
     app.include_router(operations.router)
+    app.include_router(ops_page.router)
+    app.include_router(policies.router)
     return app

@@ -90,7 +90,7 @@ async def read_json(request: Request, model: type[M], *, optional: bool = False)
     if not isinstance(data, dict):
         raise ValidationFailed({"body": "must be a JSON object"})
     try:
-        return model.model_validate(data)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         raise ValidationFailed(
             validation_details(exc.errors(include_url=False, include_input=False))

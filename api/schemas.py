@@ -6,6 +6,7 @@ GET pays for one dict, not a model validation round trip.
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ from models.clock import rfc3339
 from models.delivery import DeliveryAttempt
 from models.endpoint import WebhookEndpoint
 from models.operation import Operation
+from models.policy import RotationPolicy
 
 
 class _Strict(BaseModel):
@@ -288,3 +290,64 @@ def operation_json(operation: Operation) -> dict[str, Any]:
 
 def _str(value: object | None) -> str | None:
     return None if value is None else str(value)
+
+
+# --- rotation policies -------------------------------------------------------------------------
+
+
+class PolicyCreate(_Strict):
+    target: str = Field(description="endpoint | org_secret")
+    endpoint_id: uuid.UUID | None = Field(default=None, description="for target endpoint")
+    strategy: str | None = Field(
+        default=None, description="safe_migrate | rotate (default: safe_migrate for endpoints)"
+    )
+    interval_seconds: int = Field(description="at least 60")
+    paused: bool = False
+    handoff: str = Field(default="none", description="none | in_band (safe_migrate only)")
+    next_run_at: datetime | None = Field(
+        default=None, description="first run (default: one interval from now)"
+    )
+
+
+class PolicyUpdate(_Strict):
+    """Partial update of a policy; target and endpoint are fixed."""
+
+    strategy: str = "safe_migrate"
+    interval_seconds: int = 60
+    paused: bool = False
+    handoff: str = "none"
+    next_run_at: datetime | None = None
+
+
+class Policy(BaseModel):
+    id: str
+    target: str
+    endpoint_id: str | None
+    strategy: str
+    interval_seconds: int
+    paused: bool
+    handoff: str
+    next_run_at: str
+    last_run_at: str | None
+    last_operation_id: str | None
+
+
+class PolicyList(BaseModel):
+    success: bool = True
+    data: list[Policy]
+    meta: ListMeta
+
+
+def policy_json(policy: RotationPolicy) -> dict[str, Any]:
+    return {
+        "id": str(policy.id),
+        "target": policy.target,
+        "endpoint_id": _str(policy.endpoint_id),
+        "strategy": policy.strategy,
+        "interval_seconds": policy.interval_seconds,
+        "paused": policy.paused,
+        "handoff": policy.handoff,
+        "next_run_at": rfc3339(policy.next_run_at),
+        "last_run_at": _time(policy.last_run_at),
+        "last_operation_id": _str(policy.last_operation_id),
+    }

@@ -11,6 +11,7 @@ from models.idempotency import IdempotencyKey
 from models.operation import Operation, OperationStep
 from models.org import ApiKey, Organization
 from models.org_secret import OrgSecret
+from models.policy import RotationPolicy
 
 __all__ = [
     "ApiKey",
@@ -23,5 +24,6 @@ __all__ = [
     "OperationStep",
     "OrgSecret",
     "Organization",
+    "RotationPolicy",
     "WebhookEndpoint",
 ]

@@ -12,7 +12,7 @@ import hashlib
 import json
 import random
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -28,7 +28,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
 from models import clock, org_secret
 from models.base import Base, IdMixin, UTCDateTime
@@ -90,6 +90,9 @@ class Delivery(IdMixin, Base):
     event_id: Mapped[str] = mapped_column(ForeignKey("events.id"))
     endpoint_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhook_endpoints.id"))
     kind: Mapped[str] = mapped_column(String(16))
+    # Declared so a flush inserts an event before the deliveries that reference it (without a
+    # relationship the unit of work does not order the two tables). Never loaded.
+    event: Mapped[Event] = relationship(lazy="raise")
     state: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -265,6 +268,30 @@ def create_test_delivery(
     return delivery
 
 
+def create_system_delivery(
+    session: Session,
+    org_id: uuid.UUID,
+    endpoint_id: uuid.UUID,
+    event_type: str,
+    build_data: Callable[[str], Mapping[str, Any]],
+) -> Delivery:
+    """An event Rotator itself sends one endpoint (retried like any event); its data may
+    depend on the event id (the handoff derives its key from it)."""
+    event_id = new_event_id()
+    event = Event(
+        id=event_id,
+        org_id=org_id,
+        type=event_type,
+        data=dict(build_data(event_id)),
+        created_at=clock.now(),
+    )
+    session.add(event)
+    session.flush()  # the event row before the delivery that references it (no relationship())
+    delivery = _new_delivery(session, event, endpoint_id, DeliveryKind.EVENT)
+    session.flush()
+    return delivery
+
+
 def last_attempt(session: Session, delivery_id: uuid.UUID) -> DeliveryAttempt | None:
     return session.scalars(
         select(DeliveryAttempt)
@@ -320,7 +347,9 @@ def claim(session: Session, delivery_id: uuid.UUID) -> AttemptPlan | None:
     ):
         return None
     endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
-    if endpoint is None or endpoint.deleted_at is not None or not endpoint.active:
+    # Pausing stops deliveries, but a paused endpoint still exists: its test delivery is sent.
+    paused = not endpoint.active and delivery.kind != DeliveryKind.TEST if endpoint else False
+    if endpoint is None or endpoint.deleted_at is not None or paused:
         delivery.state = DeliveryState.ABANDONED
         delivery.updated_at = now
         return None

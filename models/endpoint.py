@@ -274,7 +274,10 @@ def delete_endpoint(session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID)
     endpoint = get_endpoint(session, org_id, endpoint_id, for_update=True)
     if active_for_endpoint(session, endpoint.id) is not None:
         raise Conflict("a migration is running on this endpoint; cancel it first")
+    from models.policy import end_policies_for_endpoint
+
     soft_delete(session, endpoint)
+    end_policies_for_endpoint(session, endpoint.id)
     return endpoint
 
 

@@ -97,6 +97,8 @@ class Step(StrEnum):
     SEND_TEST_DELIVERY = "send_test_delivery"
     AWAIT_SUCCESS = "await_success"
     DELETE_OLD_ENDPOINT = "delete_old_endpoint"
+    ROTATE_SECRET = "rotate_secret"  # noqa: S105 - a step: scheduled immediate rotation
+    ROTATE_ORG_SECRET = "rotate_org_secret"  # noqa: S105 - a step: scheduled org rotation
 
 
 MIGRATE_STEPS: tuple[Step, ...] = (
@@ -123,6 +125,8 @@ class Operation(IdMixin, Base):
             postgresql_where=text("finished_at IS NULL"),
             sqlite_where=text("finished_at IS NULL"),
         ),
+        # One operation per policy and due time, however many beats tick.
+        UniqueConstraint("policy_id", "scheduled_for"),
         Index("ix_operations_org_created", "org_id", "created_at", "id"),
         Index("ix_operations_unfinished_next", "finished_at", "next_advance_at"),
     )
@@ -132,6 +136,7 @@ class Operation(IdMixin, Base):
     state: Mapped[str] = mapped_column(String(32))
     trigger: Mapped[str] = mapped_column(String(16))
     policy_id: Mapped[uuid.UUID | None] = mapped_column()
+    scheduled_for: Mapped[datetime | None] = mapped_column(UTCDateTime)
     source_endpoint_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("webhook_endpoints.id"))
     new_endpoint_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("webhook_endpoints.id"))
     # The new endpoint's url/events/description, fixed when the operation starts.
@@ -140,6 +145,7 @@ class Operation(IdMixin, Base):
     new_secret_ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
     secret_revealed: Mapped[bool] = mapped_column(Boolean, default=False)
     probe_delivery_id: Mapped[uuid.UUID | None] = mapped_column()
+    handoff_delivery_id: Mapped[uuid.UUID | None] = mapped_column()
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     wait_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     deadline_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -219,6 +225,7 @@ def start_migration(
     policy_id: uuid.UUID | None = None,
     handoff: str = "none",
     reveal: bool = True,
+    scheduled_for: datetime | None = None,
 ) -> Started:
     """Start a safe migrate of ``source_id``: mint the new secret now, let the workers do the rest.
 
@@ -254,6 +261,7 @@ def start_migration(
         state=OperationState.PENDING,
         trigger=trigger,
         policy_id=policy_id,
+        scheduled_for=scheduled_for,
         source_endpoint_id=source.id,
         params=params,
         handoff=handoff,
@@ -278,6 +286,49 @@ def start_migration(
     except IntegrityError:  # a concurrent migrate of the same endpoint won the race
         raise Conflict("a migration is already running on this endpoint") from None
     return Started(operation=operation, secret=secret if reveal else None)
+
+
+def start_rotation(
+    session: Session,
+    org_id: uuid.UUID,
+    endpoint_id: uuid.UUID | None,
+    *,
+    policy_id: uuid.UUID | None,
+    scheduled_for: datetime | None,
+) -> Operation:
+    """A scheduled immediate rotation, recorded as an operation: of one endpoint's secret, or
+    (``endpoint_id`` None) of the organization's. The new secret is revealed once, on request."""
+    if endpoint_id is not None:
+        get_endpoint(session, org_id, endpoint_id, for_update=True)
+        if active_for_endpoint(session, endpoint_id) is not None:
+            raise Conflict("a migration is running on this endpoint")
+    now = clock.now()
+    step = Step.ROTATE_SECRET if endpoint_id is not None else Step.ROTATE_ORG_SECRET
+    operation = Operation(
+        id=new_id(),
+        org_id=org_id,
+        kind=OperationKind.SCHEDULED_ROTATION
+        if endpoint_id is not None
+        else OperationKind.ORG_SECRET_ROTATION,
+        state=OperationState.PENDING,
+        trigger=Trigger.SCHEDULE,
+        policy_id=policy_id,
+        scheduled_for=scheduled_for,
+        source_endpoint_id=endpoint_id,
+        params={},
+        handoff="none",
+        secret_revealed=False,
+        cancel_requested=False,
+        wait_seconds=0.0,
+        deadline_at=now + timedelta(seconds=DEADLINE_DEFAULT_S),
+        next_advance_at=now,
+        created_at=now,
+        updated_at=now,
+        steps=[OperationStep(id=new_id(), position=0, name=step, state=StepState.PENDING)],
+    )
+    session.add(operation)
+    session.flush()
+    return operation
 
 
 def active_for_endpoint(session: Session, endpoint_id: uuid.UUID) -> Operation | None:
@@ -390,9 +441,10 @@ def request_cancel(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID)
 
 @dataclass(frozen=True)
 class Advance:
-    """What the worker does after the transaction: probe (send a test) and/or advance again."""
+    """What the worker does after the transaction: deliver, probe (send a test), advance again."""
 
     probe_delivery_id: uuid.UUID | None = None
+    deliver_first: uuid.UUID | None = None  # the in-band handoff, sent before the probe
     again_in: float | None = None  # seconds until the next advance; None: nothing scheduled
 
 
@@ -436,7 +488,33 @@ def begin_advance(session: Session, operation_id: uuid.UUID) -> Advance:
         return _create_endpoint(session, operation, step, now)
     if step.name in PROBE_STEPS:
         return _start_probe(session, operation, step, now)
-    return _delete_old_endpoint(session, operation, step, now)
+    if step.name == Step.DELETE_OLD_ENDPOINT:
+        return _delete_old_endpoint(session, operation, step, now)
+    return _rotate_now(session, operation, step, now)
+
+
+def _rotate_now(
+    session: Session, operation: Operation, step: OperationStep, now: datetime
+) -> Advance:
+    """The single step of a scheduled immediate rotation; its secret is kept for reveal."""
+    from models import endpoint as endpoints
+    from models import org_secret
+
+    _begin_step(step, now)
+    if step.name == Step.ROTATE_SECRET and operation.source_endpoint_id is not None:
+        try:
+            secret = endpoints.rotate_secret(
+                session, operation.org_id, operation.source_endpoint_id
+            ).secret
+        except NotFound as exc:
+            return _roll_back(session, operation, OperationState.FAILED, now, exc.code, exc.message)
+    else:
+        secret = org_secret.rotate(session, operation.org_id).secret
+    operation.new_secret_ciphertext = box_of(session).encrypt(
+        base64.b64decode(secret), context=_secret_context(operation.id)
+    )
+    _succeed_step(step, now)
+    return _finish(operation, OperationState.SUCCEEDED, now)
 
 
 def _begin_step(step: OperationStep, now: datetime) -> None:
@@ -491,10 +569,48 @@ def _start_probe(
             session, operation.org_id, operation.new_endpoint_id, kind=deliveries.DeliveryKind.PROBE
         )
         operation.probe_delivery_id = probe.id
+    deliver_first = None
+    if operation.handoff == "in_band":
+        deliver_first = _ensure_handoff(session, operation)
     _begin_step(step, now)
     timeout = timedelta(seconds=settings_of(session).delivery_timeout_seconds)
     operation.next_advance_at = now + timeout + PROBE_LEASE_MARGIN
-    return Advance(probe_delivery_id=operation.probe_delivery_id)
+    return Advance(probe_delivery_id=operation.probe_delivery_id, deliver_first=deliver_first)
+
+
+def _ensure_handoff(session: Session, operation: Operation) -> uuid.UUID | None:
+    """Send the old endpoint the new secret, sealed under the old one (once per operation).
+
+    Returns the handoff delivery while it still has to be sent, so the worker sends it before
+    the test delivery it makes possible.
+    """
+    from models.endpoint import signing_key
+    from receiver.handoff import HANDOFF_EVENT, seal_handoff
+
+    if operation.handoff_delivery_id is None:
+        old = session.get(WebhookEndpoint, operation.source_endpoint_id)
+        if old is None or old.deleted_at is not None or operation.new_endpoint_id is None:
+            return None
+        old_key, new_secret = signing_key(session, old), new_secret_of(session, operation)
+        new_endpoint_id = str(operation.new_endpoint_id)
+        delivery = deliveries.create_system_delivery(
+            session,
+            operation.org_id,
+            old.id,
+            HANDOFF_EVENT,
+            lambda event_id: seal_handoff(
+                old_secret=old_key,
+                new_secret=new_secret,
+                event_id=event_id,
+                old_endpoint_id=str(old.id),
+                new_endpoint_id=new_endpoint_id,
+            ),
+        )
+        operation.handoff_delivery_id = delivery.id
+    handoff = session.get(deliveries.Delivery, operation.handoff_delivery_id)
+    if handoff is None or handoff.state != deliveries.DeliveryState.PENDING:
+        return None
+    return handoff.id
 
 
 def finish_probe(session: Session, operation_id: uuid.UUID) -> Advance:
@@ -559,6 +675,10 @@ def _delete_old_endpoint(
     )
     if source is not None and source.deleted_at is None:
         soft_delete(session, source)
+    if operation.policy_id is not None and operation.new_endpoint_id is not None:
+        from models.policy import follow_new_endpoint  # policies build on operations
+
+        follow_new_endpoint(session, operation.policy_id, operation.new_endpoint_id)
     _succeed_step(step, now)
     return _finish(operation, OperationState.SUCCEEDED, now)
 

@@ -5,6 +5,7 @@ Importable on its own (standard library and ``cryptography`` only), so receivers
 it without the rest of Rotator; the workers sign with the same functions.
 """
 
+from receiver.handoff import Handoff, HandoffError, open_handoff, seal_handoff
 from receiver.server import AcceptedDelivery, DemoReceiver, run, serve
 from receiver.signing import (
     AMCORE_ORG_SIGNATURE_HEADER,
@@ -30,12 +31,16 @@ from receiver.verify import (
 )
 
 __all__ = [
+    "open_handoff",
+    "seal_handoff",
     "AMCORE_ORG_SIGNATURE_HEADER",
     "AMCORE_SIGNATURE_HEADER",
     "WEBHOOK_ID_HEADER",
     "WEBHOOK_SIGNATURE_HEADER",
     "WEBHOOK_TIMESTAMP_HEADER",
     "AcceptedDelivery",
+    "Handoff",
+    "HandoffError",
     "BadSignature",
     "DemoReceiver",
     "MalformedHeader",

@@ -33,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any, TextIO
 
+from receiver.handoff import HANDOFF_EVENT, open_handoff
 from receiver.signing import decode_secret
 from receiver.verify import (
     DEFAULT_TOLERANCE_S,
@@ -247,13 +248,21 @@ class DemoReceiver:
         return 200, {"ok": True}
 
     def on_event(self, event: dict[str, Any], accepted: AcceptedDelivery) -> None:
-        """Act on a verified event; the default does nothing.
+        """Act on a verified event: apply an in-band ``webhook.secret_handoff``.
 
-        This is the extension point for the in-band ``webhook.secret_handoff`` (DESIGN "Safe
-        migrate"): there ``accepted.secret`` is the old secret that signed the handoff, and the
-        new one is installed with ``self.add_secret``. An exception here answers 500, so Rotator
-        retries the delivery.
+        ``accepted.secret`` is the old secret that signed the handoff; it opens the sealed new
+        secret, which is installed next to it. Override to act on other events. An exception
+        here answers 500, so Rotator retries the delivery.
         """
+        if event.get("type") != HANDOFF_EVENT:
+            return
+        handoff = open_handoff(event, accepted.secret)
+        # Keep the old secret too: the old endpoint goes on sending until Rotator deletes it.
+        self.add_secret(handoff.secret)
+        self._emit(
+            f"handoff: installed the secret of endpoint {handoff.new_endpoint_id} "
+            f"(replacing {handoff.old_endpoint_id})"
+        )
 
     # --- internals ----------------------------------------------------------------------------
 

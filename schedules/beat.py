@@ -15,6 +15,7 @@ from workers.names import TaskName
 TICKS: tuple[tuple[TaskName, float], ...] = (
     (TaskName.DELIVERY_RECONCILE, 15.0),
     (TaskName.OPERATION_RECONCILE, 15.0),
+    (TaskName.POLICY_TICK, 15.0),
     (TaskName.ORG_SECRET_SWEEP, 30.0),
 )
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from models import delivery as deliveries
 from models import operation as operations
-from models import org_secret
+from models import org_secret, policy
 from models.db import get_database
 from workers.app import app
 from workers.enqueue import send_after_commit
@@ -54,3 +54,17 @@ def sweep_org_secrets() -> int:
     if lags:
         log.info("expired %d org secrets, max lag %.1fs", len(lags), max(lags))
     return len(lags)
+
+
+@app.task(name=TaskName.POLICY_TICK)
+def run_due_policies() -> int:
+    """Start one operation per due rotation policy (unique per policy and due time)."""
+    with get_database().session() as session:
+        runs = policy.run_due(session)
+        for run in runs:
+            if run.operation_id is not None:
+                send_after_commit(session, TaskName.OPERATION_ADVANCE, run.operation_id)
+    started = sum(run.operation_id is not None for run in runs)
+    if runs:
+        log.info("rotation policies due: %d, operations started: %d", len(runs), started)
+    return started

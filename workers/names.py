@@ -10,5 +10,6 @@ class TaskName(StrEnum):
     DELIVERY_RECONCILE = "delivery.reconcile"
     OPERATION_ADVANCE = "operation.advance"
     OPERATION_RECONCILE = "operation.reconcile"
+    POLICY_TICK = "policy.tick"
     ORG_SECRET_EXPIRE = "org_secret.expire"  # noqa: S105 - a task name
     ORG_SECRET_SWEEP = "org_secret.sweep"  # noqa: S105 - a task name

@@ -21,6 +21,8 @@ def advance(db: Database, operation_id: uuid.UUID) -> None:
         _schedule(session, operation_id, step)
     if step.probe_delivery_id is None:
         return
+    if step.deliver_first is not None:
+        attempt(db, step.deliver_first)  # the in-band handoff; retried like any delivery
     attempt(db, step.probe_delivery_id)  # the HTTP request, outside any transaction
     with db.session() as session:
         _schedule(session, operation_id, operations.finish_probe(session, operation_id))

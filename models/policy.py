@@ -1,0 +1,319 @@
+"""Rotation policies: scheduled periodic rotation, driven by beat (CONTRACT §6).
+
+Each due policy starts exactly one operation per due time: the tick locks due rows with
+``FOR UPDATE SKIP LOCKED`` and the operation carries (policy, due time) under a unique
+constraint, so even two beats cannot start a run twice. Missed runs collapse into one
+catch-up run, after which the schedule moves forward from now.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from models import clock
+from models import operation as operations
+from models.base import Base, IdMixin, UTCDateTime
+from models.db import settings_of
+from models.endpoint import get_endpoint
+from models.errors import Conflict, NotFound, ValidationFailed
+from models.ids import new_id
+from models.pagination import Page, paginate
+
+MAX_INTERVAL_S = 10 * 366 * 86_400
+
+
+class Target(StrEnum):
+    ENDPOINT = "endpoint"
+    ORG_SECRET = "org_secret"  # noqa: S105 - a target, not a secret
+
+
+class Strategy(StrEnum):
+    SAFE_MIGRATE = "safe_migrate"
+    ROTATE = "rotate"
+
+
+class Handoff(StrEnum):
+    NONE = "none"
+    IN_BAND = "in_band"
+
+
+class RotationPolicy(IdMixin, Base):
+    __tablename__ = "rotation_policies"
+    __table_args__ = (
+        # One live policy per target: per endpoint, and one for the organization's secret.
+        Index(
+            "uq_rotation_policies_endpoint",
+            "endpoint_id",
+            unique=True,
+            postgresql_where=text("deleted_at IS NULL AND endpoint_id IS NOT NULL"),
+            sqlite_where=text("deleted_at IS NULL AND endpoint_id IS NOT NULL"),
+        ),
+        Index(
+            "uq_rotation_policies_org_secret",
+            "org_id",
+            unique=True,
+            postgresql_where=text("deleted_at IS NULL AND target = 'org_secret'"),
+            sqlite_where=text("deleted_at IS NULL AND target = 'org_secret'"),
+        ),
+        Index("ix_rotation_policies_due", "deleted_at", "paused", "next_run_at"),
+        Index("ix_rotation_policies_org_created", "org_id", "created_at", "id"),
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
+    target: Mapped[str] = mapped_column(String(16))
+    endpoint_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("webhook_endpoints.id"))
+    strategy: Mapped[str] = mapped_column(String(16))
+    interval_seconds: Mapped[int] = mapped_column(Integer)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    handoff: Mapped[str] = mapped_column(String(16), default=Handoff.NONE)
+    next_run_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_operation_id: Mapped[uuid.UUID | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+FIELDS = frozenset(
+    {"target", "endpoint_id", "strategy", "interval_seconds", "paused", "handoff", "next_run_at"}
+)
+UPDATABLE = frozenset({"strategy", "interval_seconds", "paused", "handoff", "next_run_at"})
+
+
+def _check(session: Session, org_id: uuid.UUID, values: dict[str, Any]) -> dict[str, str]:
+    problems: dict[str, str] = {}
+    target, strategy, handoff = values["target"], values["strategy"], values["handoff"]
+    if target not in {t.value for t in Target}:
+        problems["target"] = "must be endpoint or org_secret"
+    if strategy not in {s.value for s in Strategy}:
+        problems["strategy"] = "must be safe_migrate or rotate"
+    if handoff not in {h.value for h in Handoff}:
+        problems["handoff"] = "must be none or in_band"
+    interval = values["interval_seconds"]
+    shortest = settings_of(session).policy_min_interval_seconds
+    if (
+        not isinstance(interval, int)
+        or isinstance(interval, bool)
+        or not (shortest <= interval <= MAX_INTERVAL_S)
+    ):
+        problems["interval_seconds"] = f"must be an integer of at least {shortest}"
+    if target == Target.ENDPOINT:
+        if values["endpoint_id"] is None:
+            problems["endpoint_id"] = "is required for an endpoint policy"
+        else:
+            try:
+                endpoint = get_endpoint(session, org_id, values["endpoint_id"])
+            except NotFound:
+                problems["endpoint_id"] = "must be an active endpoint of your organization"
+            else:
+                if not endpoint.active:
+                    problems["endpoint_id"] = "must be an active endpoint of your organization"
+    elif target == Target.ORG_SECRET:
+        if values["endpoint_id"] is not None:
+            problems["endpoint_id"] = "must be omitted for an org_secret policy"
+        if strategy != Strategy.ROTATE:
+            problems["strategy"] = "an org_secret policy rotates (it has a grace window)"
+    if handoff == Handoff.IN_BAND and strategy != Strategy.SAFE_MIGRATE:
+        problems["handoff"] = "in_band needs strategy safe_migrate"
+    next_run_at = values.get("next_run_at")
+    if next_run_at is not None and (
+        not isinstance(next_run_at, datetime) or next_run_at.tzinfo is None
+    ):
+        problems["next_run_at"] = "must be an RFC 3339 time with a UTC offset"
+    return problems
+
+
+def create_policy(session: Session, org_id: uuid.UUID, **fields: Any) -> RotationPolicy:
+    values: dict[str, Any] = {
+        "endpoint_id": None,
+        "strategy": Strategy.SAFE_MIGRATE
+        if fields.get("target") == Target.ENDPOINT
+        else Strategy.ROTATE,
+        "paused": False,
+        "handoff": Handoff.NONE,
+        "next_run_at": None,
+        **fields,
+    }
+    problems = _check(session, org_id, values)
+    if problems:
+        raise ValidationFailed(problems)
+    now = clock.now()
+    policy = RotationPolicy(
+        id=new_id(),
+        org_id=org_id,
+        target=values["target"],
+        endpoint_id=values["endpoint_id"],
+        strategy=values["strategy"],
+        interval_seconds=values["interval_seconds"],
+        paused=bool(values["paused"]),
+        handoff=values["handoff"],
+        next_run_at=values["next_run_at"] or now + timedelta(seconds=values["interval_seconds"]),
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        with session.begin_nested():
+            session.add(policy)
+    except IntegrityError:
+        raise Conflict("that target already has a rotation policy") from None
+    return policy
+
+
+def get_policy(session: Session, org_id: uuid.UUID, policy_id: uuid.UUID) -> RotationPolicy:
+    policy = session.scalars(
+        select(RotationPolicy).where(
+            RotationPolicy.id == policy_id,
+            RotationPolicy.org_id == org_id,
+            RotationPolicy.deleted_at.is_(None),
+        )
+    ).one_or_none()
+    if policy is None:
+        raise NotFound()
+    return policy
+
+
+def list_policies(
+    session: Session, org_id: uuid.UUID, *, limit: int, cursor: str | None
+) -> Page[RotationPolicy]:
+    query = select(RotationPolicy).where(
+        RotationPolicy.org_id == org_id, RotationPolicy.deleted_at.is_(None)
+    )
+    return paginate(
+        session,
+        query,
+        created_at=RotationPolicy.created_at,
+        id_column=RotationPolicy.id,
+        limit=limit,
+        cursor=cursor,
+    )
+
+
+def update_policy(
+    session: Session, org_id: uuid.UUID, policy_id: uuid.UUID, changes: dict[str, Any]
+) -> RotationPolicy:
+    policy = get_policy(session, org_id, policy_id)
+    unknown = {field: "cannot be changed" for field in changes if field not in UPDATABLE}
+    if unknown:
+        raise ValidationFailed(unknown)
+    values = {
+        "target": policy.target,
+        "endpoint_id": policy.endpoint_id,
+        "strategy": policy.strategy,
+        "interval_seconds": policy.interval_seconds,
+        "paused": policy.paused,
+        "handoff": policy.handoff,
+        **changes,
+    }
+    problems = _check(session, org_id, values)
+    if "paused" in changes and not isinstance(changes["paused"], bool):
+        problems["paused"] = "must be a boolean"
+    if problems:
+        raise ValidationFailed(problems)
+    for field, value in changes.items():
+        if value is not None or field != "next_run_at":
+            setattr(policy, field, value)
+    policy.updated_at = clock.now()
+    return policy
+
+
+def delete_policy(session: Session, org_id: uuid.UUID, policy_id: uuid.UUID) -> None:
+    policy = get_policy(session, org_id, policy_id)
+    policy.deleted_at = policy.updated_at = clock.now()
+
+
+def end_policies_for_endpoint(session: Session, endpoint_id: uuid.UUID) -> None:
+    """An endpoint deleted by its owner takes its policy with it."""
+    now = clock.now()
+    session.execute(
+        update(RotationPolicy)
+        .where(RotationPolicy.endpoint_id == endpoint_id, RotationPolicy.deleted_at.is_(None))
+        .values(deleted_at=now, updated_at=now)
+    )
+
+
+def follow_new_endpoint(session: Session, policy_id: uuid.UUID, new_endpoint_id: uuid.UUID) -> None:
+    """After a scheduled safe migrate succeeds, the policy rotates the new endpoint next."""
+    session.execute(
+        update(RotationPolicy)
+        .where(RotationPolicy.id == policy_id, RotationPolicy.deleted_at.is_(None))
+        .values(endpoint_id=new_endpoint_id, updated_at=clock.now())
+    )
+
+
+# --- the tick ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    policy_id: uuid.UUID
+    operation_id: uuid.UUID | None  # None: skipped (the target is busy)
+
+
+def run_due(session: Session, *, limit: int = 100) -> list[Run]:
+    """Start one operation per due policy; safe with several beats ticking at once."""
+    now = clock.now()
+    due = session.scalars(
+        select(RotationPolicy)
+        .where(
+            RotationPolicy.deleted_at.is_(None),
+            RotationPolicy.paused.is_(False),
+            RotationPolicy.next_run_at <= now,
+        )
+        .order_by(RotationPolicy.next_run_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    runs = []
+    for policy in due:
+        due_at = policy.next_run_at
+        interval = timedelta(seconds=policy.interval_seconds)
+        # On time: keep the cadence. Missed runs (beat was down): one catch-up run, now.
+        following = due_at + interval
+        policy.next_run_at = following if following > now else now + interval
+        policy.updated_at = now
+        try:
+            with session.begin_nested():
+                operation = _start(session, policy, due_at)
+        except Conflict:
+            runs.append(Run(policy.id, None))  # the last run is still going: skip this one
+            continue
+        except IntegrityError:
+            runs.append(Run(policy.id, None))  # another beat started this due time already
+            continue
+        policy.last_run_at = now
+        policy.last_operation_id = operation.id
+        runs.append(Run(policy.id, operation.id))
+    return runs
+
+
+def _start(session: Session, policy: RotationPolicy, due_at: datetime) -> operations.Operation:
+    if policy.target == Target.ORG_SECRET:
+        return operations.start_rotation(
+            session, policy.org_id, None, policy_id=policy.id, scheduled_for=due_at
+        )
+    if policy.endpoint_id is None:  # pragma: no cover - validated on write
+        raise Conflict("policy has no endpoint")
+    if policy.strategy == Strategy.ROTATE:
+        return operations.start_rotation(
+            session, policy.org_id, policy.endpoint_id, policy_id=policy.id, scheduled_for=due_at
+        )
+    return operations.start_migration(
+        session,
+        policy.org_id,
+        policy.endpoint_id,
+        kind=operations.OperationKind.SCHEDULED_ROTATION,
+        trigger=operations.Trigger.SCHEDULE,
+        policy_id=policy.id,
+        handoff=policy.handoff,
+        reveal=False,
+        scheduled_for=due_at,
+        deadline_seconds=settings_of(session).scheduled_migrate_deadline_seconds,
+    ).operation
