@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: dev test lint test-embedded test-real install
+.PHONY: dev test lint test-embedded test-real install browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The operations page is tested in a real browser: Debian's Chromium, driven by Playwright
+# (`playwright install` is never run). Installed once (needs root), skipped when present.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 dev: $(STAMP)
 	$(BIN)/rotator dev
@@ -27,8 +33,8 @@ lint: $(STAMP)
 # (PostgreSQL and Redis; see README "Testing"). The real pass fails if they are unreachable.
 test: lint test-embedded test-real
 
-test-embedded: $(STAMP)
+test-embedded: $(STAMP) browser
 	ROTATOR_TEST_BACKEND=embedded $(BIN)/pytest
 
-test-real: $(STAMP)
+test-real: $(STAMP) browser
 	ROTATOR_TEST_BACKEND=real $(BIN)/pytest
