@@ -88,7 +88,9 @@ FIELDS = frozenset(
 UPDATABLE = frozenset({"strategy", "interval_seconds", "paused", "handoff", "next_run_at"})
 
 
-def _check(session: Session, org_id: uuid.UUID, values: dict[str, Any]) -> dict[str, str]:
+def _check(
+    session: Session, org_id: uuid.UUID, values: dict[str, Any], *, new: bool = True
+) -> dict[str, str]:
     problems: dict[str, str] = {}
     target, strategy, handoff = values["target"], values["strategy"], values["handoff"]
     if target not in {t.value for t in Target}:
@@ -108,7 +110,7 @@ def _check(session: Session, org_id: uuid.UUID, values: dict[str, Any]) -> dict[
     if target == Target.ENDPOINT:
         if values["endpoint_id"] is None:
             problems["endpoint_id"] = "is required for an endpoint policy"
-        else:
+        elif new:  # on update the endpoint is fixed: pausing it must not lock the policy
             try:
                 endpoint = get_endpoint(session, org_id, values["endpoint_id"])
             except NotFound:
@@ -212,7 +214,7 @@ def update_policy(
         "handoff": policy.handoff,
         **changes,
     }
-    problems = _check(session, org_id, values)
+    problems = _check(session, org_id, values, new=False)
     if "paused" in changes and not isinstance(changes["paused"], bool):
         problems["paused"] = "must be a boolean"
     if problems:

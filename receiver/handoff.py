@@ -95,7 +95,10 @@ def open_handoff(event: Mapping[str, Any], old_secret: str | bytes) -> Handoff:
     if not isinstance(data, Mapping) or not isinstance(event_id, str):
         raise HandoffError("malformed handoff event")
     try:
-        if data["version"] != 1 or data["algorithm"] != ALGORITHM:
+        # ``type(...) is int``: JSON true and 1.0 compare equal to 1 but are not version 1.
+        if type(data["version"]) is not int or data["version"] != 1:
+            raise HandoffError("unsupported handoff version")
+        if data["algorithm"] != ALGORITHM:
             raise HandoffError("unsupported handoff version")
         old_id, new_id = str(data["old_endpoint_id"]), str(data["new_endpoint_id"])
         nonce = base64.b64decode(data["nonce"], validate=True)
