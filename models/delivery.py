@@ -42,8 +42,6 @@ from models.pagination import Page, paginate
 from receiver.signing import signature_headers
 
 EXCERPT_CHARS = 2048
-# A claimed attempt that never reports back (worker killed mid-send) is due again after this.
-LEASE_MARGIN = timedelta(seconds=30)
 SIGNATURE_HEADERS = frozenset({"x-amcore-signature", "x-amcore-org-signature", "webhook-signature"})
 
 
@@ -107,6 +105,7 @@ class DeliveryAttempt(IdMixin, Base):
     __table_args__ = (
         Index("ix_delivery_attempts_org_occurred", "org_id", "occurred_at", "id"),
         Index("ix_delivery_attempts_delivery", "delivery_id"),
+        Index("ix_delivery_attempts_outcome", "outcome"),  # /metrics counts by outcome
     )
 
     org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
@@ -359,7 +358,7 @@ def claim(session: Session, delivery_id: uuid.UUID) -> AttemptPlan | None:
     settings = settings_of(session)
     delivery.attempts += 1
     delivery.next_attempt_at = (
-        now + timedelta(seconds=settings.delivery_timeout_seconds) + LEASE_MARGIN
+        now + timedelta(seconds=settings.delivery_timeout_seconds)
     )
     delivery.updated_at = now
     body = envelope_bytes(event, endpoint.api_version)

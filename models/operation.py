@@ -48,7 +48,7 @@ from models.endpoint import (
     new_secret,
     soft_delete,
 )
-from models.errors import Conflict, NotFound, ValidationFailed
+from models.errors import Conflict, LimitExceeded, NotFound, ValidationFailed
 from models.ids import new_id
 from models.pagination import Page, paginate
 
@@ -109,9 +109,6 @@ MIGRATE_STEPS: tuple[Step, ...] = (
 )
 PROBE_STEPS = frozenset({Step.SEND_TEST_DELIVERY, Step.AWAIT_SUCCESS})
 DEADLINE_MIN_S, DEADLINE_MAX_S, DEADLINE_DEFAULT_S = 60, 86_400, 900
-# While a test delivery is in flight the next advance is pushed this far past its timeout,
-# so the reconciler leaves the operation alone unless the worker died.
-PROBE_LEASE_MARGIN = timedelta(seconds=30)
 
 
 class Operation(IdMixin, Base):
@@ -129,6 +126,7 @@ class Operation(IdMixin, Base):
         UniqueConstraint("policy_id", "scheduled_for"),
         Index("ix_operations_org_created", "org_id", "created_at", "id"),
         Index("ix_operations_unfinished_next", "finished_at", "next_advance_at"),
+        Index("ix_operations_kind_state", "kind", "state"),  # /metrics counts by these
     )
 
     org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
@@ -552,7 +550,7 @@ def _create_endpoint(
                 secret=new_secret_of(session, operation),
                 over_limit_by=1,
             )
-        except (ValidationFailed, NotFound) as exc:
+        except (ValidationFailed, NotFound, LimitExceeded) as exc:
             return _roll_back(session, operation, OperationState.FAILED, now, exc.code, exc.message)
         operation.new_endpoint_id = created.endpoint.id
     _succeed_step(step, now)
@@ -574,7 +572,9 @@ def _start_probe(
         deliver_first = _ensure_handoff(session, operation)
     _begin_step(step, now)
     timeout = timedelta(seconds=settings_of(session).delivery_timeout_seconds)
-    operation.next_advance_at = now + timeout + PROBE_LEASE_MARGIN
+    # Leased while the test delivery is in flight: the reconciler leaves the operation alone
+    # until the request's timeout (plus its own reconcile_after) has passed.
+    operation.next_advance_at = now + timeout
     return Advance(probe_delivery_id=operation.probe_delivery_id, deliver_first=deliver_first)
 
 
@@ -706,6 +706,10 @@ def _roll_back(
             soft_delete(session, new)
     if operation.probe_delivery_id is not None:
         deliveries.close_probe(session, operation.probe_delivery_id)
+    if operation.handoff_delivery_id is not None:
+        # An unsent handoff (to the old endpoint, which stays live) must not go out later: it
+        # would hand the receiver the secret of the endpoint just deleted.
+        deliveries.close_probe(session, operation.handoff_delivery_id)
     current = operation.current_step()
     for step in operation.steps:
         if step.state in (StepState.SUCCEEDED, StepState.SKIPPED):

@@ -85,6 +85,33 @@ def _require_services() -> None:
         pytest.exit("real backend unreachable:\n  " + "\n  ".join(problems), returncode=3)
 
 
+# Tests that touch neither the database nor the broker (the receiver kit, the HTTP sender,
+# settings, compose, the browser page and the dev walk-through, which runs on its own SQLite
+# file) say nothing new in the real pass: it leaves them to the embedded pass.
+BACKEND_INDEPENDENT = (
+    "tests/receiver/",
+    "tests/workers/test_http.py",
+    "tests/test_compose.py",
+    "tests/test_settings.py",
+    "tests/test_celery_config.py",
+    "tests/e2e/test_dev_walkthrough.py",
+    "tests/e2e/test_ops_page.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if BACKEND != "real":
+        return
+    root = Path(str(config.rootpath))
+    keep, drop = [], []
+    for item in items:
+        path = Path(str(item.path)).relative_to(root).as_posix()
+        (drop if path.startswith(BACKEND_INDEPENDENT) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     where = DATABASE_URL.split("@")[-1]
     return f"rotator backend: {BACKEND} (database {where}, broker {BROKER_URL})"
