@@ -27,11 +27,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 RUN groupadd --system --gid 10001 rotator \
     && useradd --system --uid 10001 --gid rotator --home-dir /var/lib/rotator --create-home \
-        --shell /usr/sbin/nologin rotator
+        --shell /usr/sbin/nologin rotator \
+    && install -d -o rotator -g rotator /var/lib/rotator/metrics
 
 COPY --from=build /opt/venv /opt/venv
 
-# A writable working directory: `rotator beat` keeps its celerybeat-schedule file here.
+# A writable working directory: `rotator beat` keeps its celerybeat-schedule file here, and
+# metrics/ (a volume shared by the API and the workers) holds ROTATOR_METRICS_DIR.
 WORKDIR /var/lib/rotator
 USER 10001:10001
 

@@ -11,6 +11,7 @@ from api.routes import (
     endpoints,
     events,
     health,
+    metrics,
     operations,
     ops_page,
     org_secret,
@@ -30,6 +31,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     # Before the endpoints router: /v1/webhooks/deliveries must not match /v1/webhooks/{id}.
     app.include_router(deliveries.router)
     app.include_router(endpoints.router)

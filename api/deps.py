@@ -23,6 +23,7 @@ from api.errors import validation_details
 from models.db import Database, get_database
 from models.errors import Forbidden, Unauthorized, ValidationFailed
 from models.org import Principal, Scope, authenticate
+from rotator import logs
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -64,6 +65,8 @@ def require(scope: Scope) -> Callable[..., Any]:
         token = _bearer(request)
         db = get_database()
         principal = await run_in_threadpool(_authenticate, db, token)
+        request.state.org_id = str(principal.org_id)  # for the middleware's request log line
+        logs.set_context(org_id=principal.org_id)  # for every other line of this request
         if scope not in principal.scopes:
             raise Forbidden()
         return Caller(principal=principal, db=db)

@@ -8,6 +8,7 @@ that names nothing internal.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import for_status
 from models.ids import new_request_id
+from rotator import logs
 
 log = logging.getLogger("rotator.api")
 
@@ -33,7 +35,35 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = new_request_id()
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        tokens = logs.set_context(request_id=request_id, org_id=None)
+        began = time.perf_counter()
+        status = 500
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, send_observed, request_id)
+        finally:
+            # One line per request: ids and numbers only, never headers, query or body.
+            log.info(
+                "http request",
+                extra={
+                    "method": scope.get("method"),
+                    "path": scope.get("path"),
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - began) * 1000, 1),
+                    **({"org_id": state["org_id"]} if state.get("org_id") else {}),
+                },
+            )
+            logs.reset_context(tokens)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         header_value = request_id.encode()
         started = False
 
@@ -70,7 +100,7 @@ class RequestContextMiddleware:
             if not started:
                 await for_status(413, request_id)(scope, receive, send)
         except Exception:
-            log.exception("unhandled error", extra={"request_id": request_id})
+            log.exception("unhandled error")
             if not started:
                 await for_status(500, request_id)(scope, receive, send)
 

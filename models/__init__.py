@@ -7,6 +7,7 @@ Importing this package registers every table on ``Base.metadata`` (Alembic and
 from models.base import Base
 from models.delivery import Delivery, DeliveryAttempt, Event
 from models.endpoint import WebhookEndpoint
+from models.heartbeat import Heartbeat
 from models.idempotency import IdempotencyKey
 from models.operation import Operation, OperationStep
 from models.org import ApiKey, Organization
@@ -19,6 +20,7 @@ __all__ = [
     "Delivery",
     "DeliveryAttempt",
     "Event",
+    "Heartbeat",
     "IdempotencyKey",
     "Operation",
     "OperationStep",

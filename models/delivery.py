@@ -357,9 +357,7 @@ def claim(session: Session, delivery_id: uuid.UUID) -> AttemptPlan | None:
         raise NotFound()
     settings = settings_of(session)
     delivery.attempts += 1
-    delivery.next_attempt_at = (
-        now + timedelta(seconds=settings.delivery_timeout_seconds)
-    )
+    delivery.next_attempt_at = now + timedelta(seconds=settings.delivery_timeout_seconds)
     delivery.updated_at = now
     body = envelope_bytes(event, endpoint.api_version)
     headers = {

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ForeignKey, LargeBinary, String, UniqueConstraint, delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models import clock
@@ -81,16 +82,23 @@ def remember(
     session: Session, org_id: uuid.UUID, key: str, fingerprint: str, response: dict[str, Any]
 ) -> None:
     row_id = new_id()
-    session.add(
-        IdempotencyKey(
-            id=row_id,
-            org_id=org_id,
-            key=key,
-            request_sha256=fingerprint,
-            response_ciphertext=box_of(session).encrypt(
-                json.dumps(response).encode(), context=_context(row_id)
-            ),
-            created_at=clock.now(),
-        )
-    )
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.add(
+                IdempotencyKey(
+                    id=row_id,
+                    org_id=org_id,
+                    key=key,
+                    request_sha256=fingerprint,
+                    response_ciphertext=box_of(session).encrypt(
+                        json.dumps(response).encode(), context=_context(row_id)
+                    ),
+                    created_at=clock.now(),
+                )
+            )
+    except IntegrityError:
+        # A concurrent request with this key committed first. The same request would have
+        # waited on the same endpoint's lock and found it in ``recall``: this one is another.
+        raise ValidationFailed(
+            {"Idempotency-Key": "was already used with a different request"}
+        ) from None

@@ -642,6 +642,8 @@ def finish_probe(session: Session, operation_id: uuid.UUID) -> Advance:
         step.started_at = now
     step.state = StepState.RUNNING
     step.last_error = error
+    if operation.cancel_requested:  # canceled while the probe was in flight: roll back now
+        return _advance_now(operation, now)
     settings = settings_of(session)
     wait = (
         settings.migrate_backoff_initial_seconds

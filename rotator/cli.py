@@ -34,7 +34,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
     import uvicorn
 
     from rotator.embedded import background_services
+    from rotator.logs import configure_logging, logging_config
 
+    configure_logging(settings)
     db = _database()
     db.create_schema()
     with background_services(settings):
@@ -44,6 +46,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             log_level=settings.log_level.lower(),
+            log_config=logging_config(settings),
+            access_log=False,
         )
     return 0
 
@@ -51,6 +55,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from rotator.logs import configure_logging, logging_config
+
+    settings = get_settings()
+    configure_logging(settings)
     _database()  # refuse to start on bad settings before binding the port
     uvicorn.run(
         "api.app:create_app",
@@ -58,22 +66,29 @@ def cmd_api(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
-        log_level=get_settings().log_level.lower(),
+        log_level=settings.log_level.lower(),
+        # Applied in every uvicorn worker process too; the middleware logs each request.
+        log_config=logging_config(settings),
+        access_log=False,
     )
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from rotator.logs import configure_logging
     from workers.app import app
 
+    configure_logging(get_settings())
     _database()
     app.worker_main(["worker", *args.celery_args])
     return 0
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
+    from rotator.logs import configure_logging
     from workers.app import app
 
+    configure_logging(get_settings())
     _database()
     app.start(["beat", *args.celery_args])
     return 0

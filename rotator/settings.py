@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     endpoint_limit: int = Field(default=50, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     log_level: str = "INFO"
+    # Prometheus multiprocess mode: a directory every process that observes histograms (API,
+    # workers) shares, and /metrics reads. Empty: each process keeps its histograms in memory.
+    metrics_dir: str = ""
 
     delivery_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     # Seconds to wait after each failed attempt; once used up, the delivery is dead.

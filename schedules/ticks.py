@@ -1,4 +1,8 @@
-"""Periodic ticks run by beat: each re-derives its work from the database."""
+"""Periodic ticks run by beat: each re-derives its work from the database.
+
+Each tick records its heartbeat in the same transaction as its work, so a beat that stopped (or
+ticks that keep failing) shows on /metrics as a growing ``rotator_beat_last_tick_age_seconds``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ import logging
 from datetime import timedelta
 
 from models import delivery as deliveries
+from models import heartbeat, org_secret, policy
 from models import operation as operations
-from models import org_secret, policy
 from models.db import get_database
 from workers.app import app
 from workers.enqueue import send_after_commit
@@ -26,6 +30,7 @@ def reconcile_deliveries() -> int:
         )
         for delivery_id in due:
             send_after_commit(session, TaskName.DELIVERY_SEND, delivery_id)
+        heartbeat.record(session, TaskName.DELIVERY_RECONCILE)
     if due:
         log.info("re-enqueued %d overdue deliveries", len(due))
     return len(due)
@@ -42,6 +47,7 @@ def reconcile_operations() -> int:
         )
         for operation_id in due:
             send_after_commit(session, TaskName.OPERATION_ADVANCE, operation_id)
+        heartbeat.record(session, TaskName.OPERATION_RECONCILE)
     if due:
         log.info("re-enqueued %d stalled operations", len(due))
     return len(due)
@@ -51,6 +57,7 @@ def reconcile_operations() -> int:
 def sweep_org_secrets() -> int:
     with get_database().session() as session:
         lags = org_secret.sweep(session)
+        heartbeat.record(session, TaskName.ORG_SECRET_SWEEP)
     if lags:
         log.info("expired %d org secrets, max lag %.1fs", len(lags), max(lags))
     return len(lags)
@@ -64,6 +71,7 @@ def run_due_policies() -> int:
         for run in runs:
             if run.operation_id is not None:
                 send_after_commit(session, TaskName.OPERATION_ADVANCE, run.operation_id)
+        heartbeat.record(session, TaskName.POLICY_TICK)
     started = sum(run.operation_id is not None for run in runs)
     if runs:
         log.info("rotation policies due: %d, operations started: %d", len(runs), started)

@@ -103,7 +103,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if BACKEND != "real":
         return
     root = Path(str(config.rootpath))
-    keep, drop = [], []
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
     for item in items:
         path = Path(str(item.path)).relative_to(root).as_posix()
         (drop if path.startswith(BACKEND_INDEPENDENT) else keep).append(item)

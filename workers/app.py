@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery
 
+from rotator import logs
 from rotator.settings import Settings, get_settings
 from schedules.beat import beat_schedule
 
@@ -59,3 +60,5 @@ def create_celery(settings: Settings) -> Celery:
 
 
 app = create_celery(get_settings())
+# Celery leaves logging to rotator.logs (JSON lines); each task binds its task_id for them.
+logs.connect_celery()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from functools import cache
 
 from models import delivery as deliveries
 from models.db import Database, get_database
+from rotator import metrics
 from workers.app import app
 from workers.enqueue import send_after_commit
 from workers.http import Sender
 from workers.names import TaskName
+
+log = logging.getLogger("rotator.deliveries")
 
 # Retries further out than this are not held as countdown messages in the broker; the
 # reconciler picks them up when due (DESIGN: countdowns in seconds to minutes only).
@@ -45,7 +49,24 @@ def attempt(db: Database, delivery_id: uuid.UUID) -> deliveries.DeliveryAttempt 
             send_after_commit(
                 session, TaskName.DELIVERY_SEND, delivery_id, countdown=recorded.retry_in
             )
+    _report(db, recorded.attempt)
     return recorded.attempt
+
+
+def _report(db: Database, row: deliveries.DeliveryAttempt) -> None:
+    """One log line and one latency observation per attempt: ids and numbers, never the URL,
+    headers or body (a URL may carry a credential)."""
+    metrics.observe_delivery(db.settings, row.outcome, row.response_time_ms / 1000)
+    log.info(
+        "delivery attempt",
+        extra={
+            "delivery_id": str(row.delivery_id),
+            "attempt": row.attempt,
+            "outcome": row.outcome,
+            "status": row.response_status,
+            "latency_ms": row.response_time_ms,
+        },
+    )
 
 
 @app.task(name=TaskName.DELIVERY_SEND)

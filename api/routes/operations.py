@@ -26,6 +26,7 @@ from api.schemas import (
 from models import idempotency
 from models import operation as operations
 from models.endpoint import get_endpoint
+from models.errors import NotFound, ValidationFailed
 from models.org import Scope
 from workers.enqueue import send_after_commit
 from workers.names import TaskName
@@ -46,10 +47,22 @@ def _migrate(
     body: MigrateRequest,
     key: str | None,
 ) -> dict[str, Any]:
-    get_endpoint(session, org_id, endpoint_id, for_update=True)  # serialise per endpoint
     fingerprint = idempotency.request_fingerprint(
         str(endpoint_id), body.model_dump(exclude_unset=True)
     )
+    try:
+        get_endpoint(session, org_id, endpoint_id, for_update=True)  # serialise per endpoint
+    except NotFound:
+        # Deleted since the first request (its own migration may have finished): the first
+        # response still stands for this key and body; anything else stays 404.
+        if key is not None:
+            try:
+                stored = idempotency.recall(session, org_id, key, fingerprint)
+            except ValidationFailed:
+                stored = None
+            if stored is not None:
+                return stored
+        raise
     if key is not None:
         stored = idempotency.recall(session, org_id, key, fingerprint)
         if stored is not None:

@@ -1,0 +1,182 @@
+"""Structured logs: one JSON object per line, with the request / operation / task in context.
+
+``configure_logging(settings)`` installs one stderr handler on the root logger with
+``JsonFormatter`` and ``ContextFilter``; every process calls it from its command-line entry
+point (and Celery's ``setup_logging`` signal, so Celery leaves logging to us). Context travels in
+context variables: the request middleware binds ``request_id`` (and ``org_id`` once a caller
+authenticated), Celery's task signals bind ``task_id``, and the operation worker binds
+``operation_id``; every record emitted meanwhile carries them.
+
+Never log a secret: log ids, states and counts, never headers, bodies, URLs or secrets. As a
+last line of defence the formatter blanks any extra field whose name looks like it holds one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+import re
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from datetime import UTC, datetime
+from typing import Any
+
+from rotator.settings import Settings
+
+CONTEXT_FIELDS = ("request_id", "org_id", "operation_id", "task_id")
+_vars: dict[str, ContextVar[str | None]] = {
+    name: ContextVar(f"rotator_{name}", default=None) for name in CONTEXT_FIELDS
+}
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn's message again, with terminal colours
+}
+_SECRET_LOOKING = re.compile(
+    r"secret|password|passwd|token|authorization|api_?key|header|body", re.I
+)
+REDACTED = "[redacted]"
+
+
+def current() -> dict[str, str]:
+    """The context fields bound now (only those that are set)."""
+    values = {name: var.get() for name, var in _vars.items()}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def set_context(**values: object) -> dict[str, Token[str | None]]:
+    """Bind context fields (None unbinds); returns the tokens ``reset_context`` takes."""
+    tokens = {}
+    for name, value in values.items():
+        if name not in _vars:
+            raise KeyError(f"unknown log context field: {name}")
+        tokens[name] = _vars[name].set(None if value is None else str(value))
+    return tokens
+
+
+def reset_context(tokens: dict[str, Token[str | None]]) -> None:
+    for name, token in tokens.items():
+        _vars[name].reset(token)
+
+
+@contextmanager
+def bound(**values: object) -> Iterator[None]:
+    """Bind context fields for the block: ``with bound(operation_id=op.id): ...``."""
+    tokens = set_context(**values)
+    try:
+        yield
+    finally:
+        reset_context(tokens)
+
+
+class ContextFilter(logging.Filter):
+    """Copies the bound context onto each record (a value passed in ``extra=`` wins)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, var in _vars.items():
+            value = var.get()
+            if value is not None and getattr(record, name, None) is None:
+                setattr(record, name, value)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"ts", "level", "logger", "message", <context>, <extra fields>, "exc"?}`` per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in CONTEXT_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = str(value)
+        for name, value in record.__dict__.items():
+            if name in _RECORD_ATTRS or name in entry or name.startswith("_"):
+                continue
+            entry[name] = REDACTED if _SECRET_LOOKING.search(name) else value
+        if record.exc_info:
+            entry["exc"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        elif record.exc_text:
+            entry["exc"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = record.stack_info
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def logging_config(settings: Settings) -> dict[str, Any]:
+    """The ``logging.config.dictConfig`` dict (uvicorn applies it in each of its workers too)."""
+    level = settings.log_level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"context": {"()": "rotator.logs.ContextFilter"}},
+        "formatters": {"json": {"()": "rotator.logs.JsonFormatter"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "json",
+                "filters": ["context"],
+            }
+        },
+        "root": {"level": level, "handlers": ["stderr"]},
+        "loggers": {
+            # uvicorn's own lines go through our handler; the middleware logs each request.
+            "uvicorn": {"level": level, "handlers": [], "propagate": True},
+            "uvicorn.error": {"level": level, "handlers": [], "propagate": True},
+            "uvicorn.access": {"level": "WARNING", "handlers": [], "propagate": False},
+            # httpx logs every request's URL at INFO; a receiver's URL may carry a credential.
+            "httpx": {"level": "WARNING"},
+            "httpcore": {"level": "WARNING"},
+            "alembic.runtime.plugins": {"level": "WARNING"},
+        },
+    }
+
+
+def configure_logging(settings: Settings) -> None:
+    """JSON lines on stderr for this process, at ``ROTATOR_LOG_LEVEL``. Idempotent."""
+    logging.config.dictConfig(logging_config(settings))
+
+
+# --- Celery ---------------------------------------------------------------------------------
+
+
+def _celery_setup_logging(**_: object) -> None:
+    from rotator.settings import get_settings
+
+    configure_logging(get_settings())
+
+
+_task_tokens: dict[str, dict[str, Token[str | None]]] = {}
+
+
+def _task_started(task_id: str | None = None, **_: object) -> None:
+    if task_id is not None:
+        _task_tokens[task_id] = set_context(task_id=task_id)
+
+
+def _task_finished(task_id: str | None = None, **_: object) -> None:
+    tokens = _task_tokens.pop(task_id, None) if task_id is not None else None
+    if tokens is not None:
+        try:
+            reset_context(tokens)
+        except ValueError:  # pragma: no cover - finished in another context: just unbind
+            set_context(task_id=None)
+
+
+def connect_celery() -> None:
+    """Celery leaves logging to ``configure_logging``; each task binds its ``task_id``."""
+    from celery import signals
+
+    signals.setup_logging.connect(_celery_setup_logging, weak=False)
+    signals.task_prerun.connect(_task_started, weak=False)
+    signals.task_postrun.connect(_task_finished, weak=False)

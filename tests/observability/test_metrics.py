@@ -1,0 +1,100 @@
+"""rotator.metrics without workers: the database collector, heartbeats, multiprocess files."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from datetime import timedelta
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+
+from models import clock, heartbeat
+from rotator import metrics
+from tests.conftest import overridden
+
+
+def _samples(client) -> dict:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_an_empty_database_shows_zeros_and_no_tick_yet(client):
+    samples = _samples(client)
+    assert samples[("rotator_operations_started_total", (("kind", "safe_migrate"),))] == 0
+    key = ("rotator_operations_ended_total", (("kind", "safe_migrate"), ("state", "succeeded")))
+    assert samples[key] == 0
+    assert samples[("rotator_delivery_attempts_total", (("outcome", "dead"),))] == 0
+    assert samples[("rotator_oldest_unfinished_operation_age_seconds", ())] == 0
+    assert math.isinf(samples[("rotator_beat_last_tick_age_seconds", ())])
+    assert ("rotator_org_secret_expiry_lag_seconds", ()) not in samples
+    assert "/metrics" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_heartbeats_upsert_and_their_age_grows_while_no_tick_runs(client, database):
+    with database.session() as session:
+        heartbeat.record(session, "policy.tick")
+    with database.session() as session:
+        heartbeat.record(session, "policy.tick")  # an upsert, not a duplicate key
+        heartbeat.record(session, "org_secret.sweep")
+    with database.session() as session:
+        assert session.query(heartbeat.Heartbeat).count() == 2
+    fresh = _samples(client)[("rotator_beat_last_tick_age_seconds", ())]
+    clock.travel(timedelta(minutes=10))
+    stale = _samples(client)[("rotator_beat_last_tick_age_seconds", ())]
+    assert fresh < 5
+    assert stale >= 600
+
+
+def test_same_named_families_from_several_sources_are_merged():
+    def source(value, outcome):
+        family = CounterMetricFamily("x_attempts", "help", labels=["outcome"])
+        family.add_metric([outcome], value)
+
+        class Source:
+            def collect(self):
+                yield family
+
+        return Source()
+
+    merged = list(metrics._Merged([source(1, "a"), source(2, "a"), source(5, "b")]).collect())
+    assert len(merged) == 1
+    assert {s.labels["outcome"]: s.value for s in merged[0].samples} == {"a": 3, "b": 5}
+
+
+OBSERVE = """
+from rotator import metrics
+from rotator.settings import get_settings
+metrics.observe_step(get_settings(), "safe_migrate", "create_endpoint", 0.2)
+metrics.observe_delivery(get_settings(), "success", 0.05)
+"""
+
+
+def test_histograms_from_other_processes_are_read_from_the_metrics_dir(client, settings, tmp_path):
+    env = {**os.environ, "ROTATOR_METRICS_DIR": str(tmp_path)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    for _ in range(2):  # two worker processes
+        subprocess.run([sys.executable, "-c", OBSERVE], env=env, check=True, timeout=60)
+    assert len(list(tmp_path.glob("histogram_*.db"))) == 2
+    with overridden(settings, metrics_dir=str(tmp_path)):
+        samples = _samples(client)
+    step = (("kind", "safe_migrate"), ("step", "create_endpoint"))
+    assert samples[("rotator_operation_step_duration_seconds_count", step)] >= 2
+    assert samples[("rotator_operation_step_duration_seconds_sum", step)] >= 0.4 - 1e-9
+    assert samples[("rotator_delivery_latency_seconds_count", (("outcome", "success"),))] >= 2
+
+
+def test_observing_never_raises(settings, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(metrics, "_recorders_for", broken)
+    metrics.observe_step(settings, "safe_migrate", "create_endpoint", 1.0)
+    metrics.observe_delivery(settings, "success", 1.0)
