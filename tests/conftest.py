@@ -57,6 +57,7 @@ from sqlalchemy import text  # noqa: E402
 
 from models import Base, clock  # noqa: E402
 from models.db import Database, get_database, set_database  # noqa: E402
+from receiver import DemoReceiver, serve  # noqa: E402
 from rotator.settings import Settings, get_settings  # noqa: E402
 from tests.processes import BIN, rotator_env, start, stop  # noqa: E402
 
@@ -285,3 +286,17 @@ def _wait_for_log(
             return
         time.sleep(0.1)
     raise TimeoutError(f"{marker!r} not in {log} after {timeout}s:\n{log.read_text()}")
+
+
+@pytest.fixture
+def demo_receiver() -> Iterator[DemoReceiver]:
+    """The demo receiver on a free loopback port (``.url``), knowing a placeholder secret until
+    a test installs real ones."""
+    receiver = DemoReceiver(["A" * 43 + "="])
+    server = serve(receiver, "127.0.0.1", 0)
+    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"  # type: ignore[attr-defined]
+    try:
+        yield receiver
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -4,26 +4,11 @@ import time
 
 import pytest
 
-from receiver import DemoReceiver, serve
 from tests.factories import make_tenant
 
 pytestmark = pytest.mark.e2e
 
 E2E_OVERRIDES = {"migrate_backoff_initial_seconds": 0.2, "migrate_backoff_max_seconds": 0.5}
-
-
-@pytest.fixture
-def demo_receiver():
-    """The demo receiver, knowing a placeholder secret until a test installs real ones."""
-    placeholder = "A" * 43 + "="
-    receiver = DemoReceiver([placeholder])
-    server = serve(receiver, "127.0.0.1", 0)
-    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"  # type: ignore[attr-defined]
-    try:
-        yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _wait_state(client, tenant, operation_id, states, timeout=20.0):

@@ -12,7 +12,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -24,7 +24,7 @@ from models import clock
 from models.delivery import Delivery, DeliveryKind
 from models.endpoint import WebhookEndpoint
 from models.operation import Operation
-from receiver import DemoReceiver, serve
+from receiver import DemoReceiver
 from tests.factories import Tenant, make_tenant
 from workers.enqueue import send
 from workers.names import TaskName
@@ -64,20 +64,6 @@ def _no_stale_messages() -> None:
     from workers.app import app as celery_app
 
     celery_app.control.purge()
-
-
-@pytest.fixture
-def demo_receiver() -> Iterator[DemoReceiver]:
-    """The demo receiver, knowing a placeholder secret until a test installs real ones."""
-    placeholder = "A" * 43 + "="
-    receiver = DemoReceiver([placeholder])
-    server = serve(receiver, "127.0.0.1", 0)
-    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"  # type: ignore[attr-defined]
-    try:
-        yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
