@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, LargeBinary, String, func, select
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, LargeBinary, String, func, select, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models import clock
@@ -35,7 +35,16 @@ SECRET_BYTES = 32
 
 class WebhookEndpoint(IdMixin, Base):
     __tablename__ = "webhook_endpoints"
-    __table_args__ = (Index("ix_webhook_endpoints_org_created", "org_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_webhook_endpoints_org_created", "org_id", "created_at", "id"),
+        # Counting live endpoints (the cap) must not read an organization's whole history.
+        Index(
+            "ix_webhook_endpoints_org_live",
+            "org_id",
+            postgresql_where=text("deleted_at IS NULL"),
+            sqlite_where=text("deleted_at IS NULL"),
+        ),
+    )
 
     org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
     url: Mapped[str] = mapped_column(String(MAX_URL))

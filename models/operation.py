@@ -126,6 +126,13 @@ class Operation(IdMixin, Base):
         UniqueConstraint("policy_id", "scheduled_for"),
         Index("ix_operations_org_created", "org_id", "created_at", "id"),
         Index("ix_operations_unfinished_next", "finished_at", "next_advance_at"),
+        # "Is this endpoint busy?" looks endpoints up as the new endpoint of unfinished ones too.
+        Index(
+            "ix_operations_unfinished_new_endpoint",
+            "new_endpoint_id",
+            postgresql_where=text("finished_at IS NULL"),
+            sqlite_where=text("finished_at IS NULL"),
+        ),
         Index("ix_operations_kind_state", "kind", "state"),  # /metrics counts by these
     )
 
