@@ -22,7 +22,7 @@ from models import clock
 from models import operation as operations
 from models.base import Base, IdMixin, UTCDateTime
 from models.db import settings_of
-from models.endpoint import get_endpoint
+from models.endpoint import WebhookEndpoint, get_endpoint
 from models.errors import Conflict, NotFound, ValidationFailed
 from models.ids import new_id
 from models.pagination import Page, paginate
@@ -303,6 +303,10 @@ def _start(session: Session, policy: RotationPolicy, due_at: datetime) -> operat
         )
     if policy.endpoint_id is None:  # pragma: no cover - validated on write
         raise Conflict("policy has no endpoint")
+    endpoint = session.get(WebhookEndpoint, policy.endpoint_id)
+    if endpoint is None or not endpoint.active:
+        # A paused endpoint is not rotated: a new endpoint would start receiving again.
+        raise Conflict("the endpoint is paused")
     if policy.strategy == Strategy.ROTATE:
         return operations.start_rotation(
             session, policy.org_id, policy.endpoint_id, policy_id=policy.id, scheduled_for=due_at

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import responses
+from api.errors import for_status, request_id_of, responses
 from models.db import get_database
 from workers.app import app as celery_app
 
@@ -39,15 +39,13 @@ def _check_broker() -> str | None:
 
 
 @router.get("/readyz", responses=responses(503))
-async def readyz() -> JSONResponse:
+async def readyz(request: Request) -> JSONResponse:
     """Ready to serve: the database and the broker answer."""
     checks = {
         "database": await run_in_threadpool(_check_database),
         "broker": await run_in_threadpool(_check_broker),
     }
-    ready = all(problem is None for problem in checks.values())
-    body = {
-        "status": "ok" if ready else "unavailable",
-        "checks": {name: problem or "ok" for name, problem in checks.items()},
-    }
-    return JSONResponse(body, status_code=200 if ready else 503)
+    problems = {name: problem for name, problem in checks.items() if problem is not None}
+    if problems:
+        return for_status(503, request_id_of(request), details=problems)
+    return JSONResponse({"status": "ok", "checks": dict.fromkeys(checks, "ok")})

@@ -729,3 +729,18 @@ def test_a_scheduled_safe_migrate_the_receiver_cannot_verify_does_not_follow(
     assert (
         client.get(f"/v1/webhooks/{created.endpoint.id}", headers=tenant.headers).status_code == 200
     )
+
+
+@pytest.mark.parametrize("strategy", ["safe_migrate", "rotate"])
+def test_a_paused_endpoint_is_not_rotated(database, tenant, strategy):
+    """A new endpoint from a scheduled migrate would start receiving again: skip the run."""
+    endpoint = add_endpoint(database, tenant).endpoint
+    policy = endpoint_policy(database, tenant, endpoint.id, strategy=strategy)
+    with database.session() as session:
+        session.get(WebhookEndpoint, endpoint.id).active = False  # type: ignore[union-attr]
+    due = policy.next_run_at
+    to(due + timedelta(seconds=2))
+
+    assert tick(database) == [Run(policy.id, None)]
+    assert operations_of(database, policy.id) == []
+    assert load_policy(database, policy.id).next_run_at == due + HOUR
