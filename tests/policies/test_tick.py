@@ -737,7 +737,7 @@ def test_a_paused_endpoint_is_not_rotated(database, tenant, strategy):
     endpoint = add_endpoint(database, tenant).endpoint
     policy = endpoint_policy(database, tenant, endpoint.id, strategy=strategy)
     with database.session() as session:
-        session.get(WebhookEndpoint, endpoint.id).active = False  # type: ignore[union-attr]
+        session.get(WebhookEndpoint, endpoint.id).active = False
     due = policy.next_run_at
     to(due + timedelta(seconds=2))
 
