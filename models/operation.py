@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -445,15 +445,54 @@ def request_cancel(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID)
 
 
 @dataclass(frozen=True)
+class FinishedStep:
+    name: str
+    state: str  # succeeded or failed
+    seconds: float | None  # from started_at to finished_at
+
+
+@dataclass(frozen=True)
 class Advance:
-    """What the worker does after the transaction: deliver, probe (send a test), advance again."""
+    """What the worker does after the transaction (deliver, probe, advance again), and what
+    this transition did, for its log lines and metrics once it has committed."""
 
     probe_delivery_id: uuid.UUID | None = None
     deliver_first: uuid.UUID | None = None  # the in-band handoff, sent before the probe
     again_in: float | None = None  # seconds until the next advance; None: nothing scheduled
+    kind: str | None = None
+    finished_steps: tuple[FinishedStep, ...] = ()
+    current_step: str | None = None
+    ended_state: str | None = None  # set when this transition ended the operation
 
 
 NOTHING = Advance()
+
+
+def _reported(operation: Operation, before: dict[uuid.UUID, str], advance: Advance) -> Advance:
+    """``advance`` plus what changed since ``before`` (each step's state at the lock)."""
+    finished = tuple(
+        FinishedStep(
+            step.name,
+            step.state,
+            (step.finished_at - step.started_at).total_seconds()
+            if step.started_at is not None and step.finished_at is not None
+            else None,
+        )
+        for step in operation.steps
+        if step.finished_at is not None and before.get(step.id) != step.state
+    )
+    current = operation.current_step()
+    return replace(
+        advance,
+        kind=operation.kind,
+        finished_steps=finished,
+        current_step=current.name if current is not None else None,
+        ended_state=operation.state if operation.finished else None,
+    )
+
+
+def _step_states(operation: Operation) -> dict[uuid.UUID, str]:
+    return {step.id: step.state for step in operation.steps}
 
 
 def _lock_for_advance(session: Session, operation_id: uuid.UUID) -> Operation | None:
@@ -465,9 +504,14 @@ def _lock_for_advance(session: Session, operation_id: uuid.UUID) -> Operation | 
 def begin_advance(session: Session, operation_id: uuid.UUID) -> Advance:
     """Run the operation's current step if it is due. Safe to call any number of times."""
     operation = _lock_for_advance(session, operation_id)
-    now = clock.now()
     if operation is None or operation.finished:
         return NOTHING
+    before = _step_states(operation)
+    return _reported(operation, before, _begin(session, operation))
+
+
+def _begin(session: Session, operation: Operation) -> Advance:
+    now = clock.now()
     if operation.next_advance_at is not None and operation.next_advance_at > now + timedelta(
         seconds=1
     ):
@@ -623,9 +667,14 @@ def _ensure_handoff(session: Session, operation: Operation) -> uuid.UUID | None:
 def finish_probe(session: Session, operation_id: uuid.UUID) -> Advance:
     """Take the test delivery's outcome: move on when accepted, else wait (doubling) and retry."""
     operation = _lock_for_advance(session, operation_id)
-    now = clock.now()
     if operation is None or operation.finished or operation.probe_delivery_id is None:
         return NOTHING
+    before = _step_states(operation)
+    return _reported(operation, before, _finish_probe(session, operation))
+
+
+def _finish_probe(session: Session, operation: Operation) -> Advance:
+    now = clock.now()
     step = operation.current_step()
     if step is None or step.name not in PROBE_STEPS:
         return NOTHING  # another run already moved on

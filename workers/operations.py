@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
 
-from sqlalchemy import event, inspect
 from sqlalchemy.orm import Session
 
 from models import operation as operations
@@ -25,20 +22,18 @@ def advance(db: Database, operation_id: uuid.UUID) -> None:
     """Run the operation's current step; a duplicate or early call does nothing (invariant 3)."""
     with logs.bound(operation_id=operation_id):
         with db.session() as session:
-            watch = _StepWatch.on(session, operation_id)
             step = operations.begin_advance(session, operation_id)
             _schedule(session, operation_id, step)
-        watch.report(db, "probe_sent" if step.probe_delivery_id is not None else "noop")
+        _report(db, step, "probe_sent" if step.probe_delivery_id is not None else None)
         if step.probe_delivery_id is None:
             return
         if step.deliver_first is not None:
             attempt(db, step.deliver_first)  # the in-band handoff; retried like any delivery
         attempt(db, step.probe_delivery_id)  # the HTTP request, outside any transaction
         with db.session() as session:
-            watch = _StepWatch.on(session, operation_id)
             after = operations.finish_probe(session, operation_id)
             _schedule(session, operation_id, after)
-        watch.report(db, "waiting" if after.again_in is not None else "noop")
+        _report(db, after, "waiting" if after.again_in is not None else None)
 
 
 def _schedule(session: Session, operation_id: uuid.UUID, step: operations.Advance) -> None:
@@ -48,53 +43,20 @@ def _schedule(session: Session, operation_id: uuid.UUID, step: operations.Advanc
         )
 
 
-@dataclass
-class _StepWatch:
-    """What one unit of work did to an operation, seen as its rows are flushed: the steps it
-    finished and whether it ended the operation. Reported after the commit, so a rolled-back
-    step is neither logged nor observed."""
-
-    operation_id: uuid.UUID
-    operation: operations.Operation | None = None
-    finished: dict[uuid.UUID, operations.OperationStep] = field(default_factory=dict)
-    ended: bool = False
-
-    @classmethod
-    def on(cls, session: Session, operation_id: uuid.UUID) -> _StepWatch:
-        watch = cls(operation_id)
-        event.listen(session, "before_flush", watch._before_flush)
-        return watch
-
-    def _before_flush(self, session: Session, *_: Any) -> None:
-        for row in session.dirty:
-            if not isinstance(row, operations.OperationStep | operations.Operation):
-                continue
-            if isinstance(row, operations.Operation) and row.id == self.operation_id:
-                self.operation = row
-            history = inspect(row).attrs.finished_at.history
-            if history.added and history.added[0] is not None and not any(history.deleted):
-                if isinstance(row, operations.Operation):
-                    self.ended = True
-                else:
-                    self.finished[row.id] = row
-
-    def report(self, db: Database, otherwise: str) -> None:
-        """One log line per finished step (its duration observed), else one for the advance."""
-        operation = self.operation
-        kind = operation.kind if operation is not None else None
-        fields = {"task": str(TaskName.OPERATION_ADVANCE), "kind": kind}
-        for row in sorted(self.finished.values(), key=lambda step: step.position):
-            if row.started_at is not None and row.finished_at is not None and kind is not None:
-                seconds = (row.finished_at - row.started_at).total_seconds()
-                metrics.observe_step(db.settings, kind, row.name, seconds)
-            log.info("operation step", extra={**fields, "step": row.name, "outcome": row.state})
-        current = operation.current_step() if operation is not None else None
-        if otherwise != "noop" and current is not None and not self.ended:
-            log.info("operation step", extra={**fields, "step": current.name, "outcome": otherwise})
-        elif not self.finished:  # a duplicate or early message: nothing to do
-            log.debug("operation step", extra={**fields, "step": None, "outcome": otherwise})
-        if self.ended and operation is not None:
-            log.info("operation ended", extra={**fields, "state": operation.state})
+def _report(db: Database, done: operations.Advance, outcome: str | None) -> None:
+    """After the commit (a rolled-back step is neither logged nor observed): one log line per
+    finished step, its duration observed; else one for the step now in progress."""
+    fields = {"task": str(TaskName.OPERATION_ADVANCE), "kind": done.kind}
+    for step in done.finished_steps:
+        if step.seconds is not None and done.kind is not None:
+            metrics.observe_step(db.settings, done.kind, step.name, step.seconds)
+        log.info("operation step", extra={**fields, "step": step.name, "outcome": step.state})
+    if outcome is not None and done.current_step is not None and done.ended_state is None:
+        log.info("operation step", extra={**fields, "step": done.current_step, "outcome": outcome})
+    elif not done.finished_steps:  # a duplicate or early message: nothing to do
+        log.debug("operation step", extra={**fields, "step": None, "outcome": "noop"})
+    if done.ended_state is not None:
+        log.info("operation ended", extra={**fields, "state": done.ended_state})
 
 
 @app.task(name=TaskName.OPERATION_ADVANCE)
