@@ -7,6 +7,8 @@ ticks that keep failing) shows on /metrics as a growing ``rotator_beat_last_tick
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Callable
 from datetime import timedelta
 
 from models import delivery as deliveries
@@ -20,37 +22,43 @@ from workers.names import TaskName
 log = logging.getLogger("rotator.schedules")
 
 
-@app.task(name=TaskName.DELIVERY_RECONCILE)
-def reconcile_deliveries() -> int:
-    """Pending deliveries overdue by more than ``reconcile_after_seconds`` lost their message."""
+def _resend_overdue(
+    tick: TaskName,
+    overdue: Callable[..., list[uuid.UUID]],
+    send: TaskName,
+    what: str,
+) -> int:
+    """Re-enqueue ``send`` for every row ``overdue`` finds late by ``reconcile_after_seconds``:
+    its message was lost (or its worker died). A duplicate is harmless (invariant 1)."""
     db = get_database()
     with db.session() as session:
-        due = deliveries.overdue(
-            session, older_than=timedelta(seconds=db.settings.reconcile_after_seconds)
-        )
-        for delivery_id in due:
-            send_after_commit(session, TaskName.DELIVERY_SEND, delivery_id)
-        heartbeat.record(session, TaskName.DELIVERY_RECONCILE)
+        due = overdue(session, older_than=timedelta(seconds=db.settings.reconcile_after_seconds))
+        for row_id in due:
+            send_after_commit(session, send, row_id)
+        heartbeat.record(session, tick)
     if due:
-        log.info("re-enqueued %d overdue deliveries", len(due))
+        log.info("re-enqueued %d %s", len(due), what)
     return len(due)
+
+
+@app.task(name=TaskName.DELIVERY_RECONCILE)
+def reconcile_deliveries() -> int:
+    """Pending deliveries whose next attempt is overdue are sent again."""
+    return _resend_overdue(
+        TaskName.DELIVERY_RECONCILE, deliveries.overdue, TaskName.DELIVERY_SEND, "deliveries"
+    )
 
 
 @app.task(name=TaskName.OPERATION_RECONCILE)
 def reconcile_operations() -> int:
     """Unfinished operations whose next advance is overdue (lost message, Redis restart, dead
-    worker) are advanced again; a duplicate advance is harmless."""
-    db = get_database()
-    with db.session() as session:
-        due = operations.overdue(
-            session, older_than=timedelta(seconds=db.settings.reconcile_after_seconds)
-        )
-        for operation_id in due:
-            send_after_commit(session, TaskName.OPERATION_ADVANCE, operation_id)
-        heartbeat.record(session, TaskName.OPERATION_RECONCILE)
-    if due:
-        log.info("re-enqueued %d stalled operations", len(due))
-    return len(due)
+    worker) are advanced again."""
+    return _resend_overdue(
+        TaskName.OPERATION_RECONCILE,
+        operations.overdue,
+        TaskName.OPERATION_ADVANCE,
+        "stalled operations",
+    )
 
 
 @app.task(name=TaskName.ORG_SECRET_SWEEP)
