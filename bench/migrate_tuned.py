@@ -55,7 +55,7 @@ OPTIONS = frozenset({"inline", "merged", "noping", "joined", "noevents"})
 _inline = False
 _merged = False
 
-_StepWatch = project_operations._StepWatch
+_report_step = project_operations._report
 
 
 def _schedule(session: Any, operation_id: uuid.UUID, step: operations.Advance) -> None:
@@ -73,19 +73,17 @@ def advance_once(db: Database, operation_id: uuid.UUID) -> operations.Advance:
     with logs.bound(operation_id=operation_id):
         plan = None
         with db.session() as session:
-            watch = _StepWatch.on(session, operation_id)
             step = operations.begin_advance(session, operation_id)
             if _merged and step.probe_delivery_id is not None and step.deliver_first is None:
                 plan = deliveries.claim(session, step.probe_delivery_id)
             _schedule(session, operation_id, step)
-        watch.report(db, "probe_sent" if step.probe_delivery_id is not None else "noop")
+        _report_step(db, step, "probe_sent" if step.probe_delivery_id is not None else None)
         if step.probe_delivery_id is None:
             return step
         recorded = None
         if plan is not None:
             result = sender_for(db).post(plan.url, plan.body, plan.headers)
             with db.session() as session:
-                watch = _StepWatch.on(session, operation_id)
                 recorded = deliveries.record(session, plan, result)
                 after = operations.finish_probe(session, operation_id)
                 _schedule(session, operation_id, after)
@@ -95,10 +93,9 @@ def advance_once(db: Database, operation_id: uuid.UUID) -> operations.Advance:
                 attempt(db, step.deliver_first)
             attempt(db, step.probe_delivery_id)
             with db.session() as session:
-                watch = _StepWatch.on(session, operation_id)
                 after = operations.finish_probe(session, operation_id)
                 _schedule(session, operation_id, after)
-        watch.report(db, "waiting" if after.again_in is not None else "noop")
+        _report_step(db, after, "waiting" if after.again_in is not None else None)
         return after
 
 
