@@ -22,14 +22,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import http.client
 import json
 import os
 import platform
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,11 +38,25 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/api_bench.py` puts bench/ first, not the root
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import (  # noqa: E402 - after the path fix above
+    HOST,
+    BenchError,
+    Proc,
+    cpu_s,
+    ensure_database,
+    find_bin,
+    free_port,
+    http_call,
+    proc_stat,
+    rotator_cli,
+)
+
 RESULTS_DIR = ROOT / "bench" / "results"
-HOST = "127.0.0.1"
 GOAL_GET_RATIO = 0.40
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/rotator_bench"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -52,10 +64,6 @@ READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 # Requests still in flight this long after a phase's end are abandoned (counted as errors).
 GRACE_S = 10.0
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot go on (setup failed, a server did not start, ...)."""
 
 
 # --- targets and results ------------------------------------------------------------------------
@@ -126,15 +134,8 @@ class Observed:
 
 
 def _process_cpu_s(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime, all threads
+    fields = proc_stat(pid) if pid is not None else None
+    return cpu_s(fields) if fields is not None else None  # utime + stime, all threads
 
 
 def _ctx_switches(pid: int | None) -> int | None:
@@ -505,88 +506,19 @@ def run_wrk(
 # --- servers ------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def http_call(
-    port: int,
-    method: str,
-    path: str,
-    *,
-    headers: dict[str, str] | None = None,
-    body: bytes | None = None,
-    timeout: float = 10.0,
-) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
 @dataclass
-class Server:
-    name: str
-    command: list[str]
-    env: dict[str, str]
-    ready_path: str
-    log_dir: Path
+class Server(Proc):
+    """A server on a free port, given to it as ``--port``; ready when GET ``ready_path`` is 200."""
+
+    ready_path: str = "/"
     port: int = 0
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.log_dir / f"{self.name}.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
+    ready_timeout_s: float = READY_TIMEOUT_S
+    stop_timeout_s: float = STOP_TIMEOUT_S
 
     def start(self) -> None:
         self.port = free_port()
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [*self.command, "--port", str(self.port)],
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # our Ctrl-C reaches us only; we stop it ourselves
-            )
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(f"{self.name} server exited early:\n{self.log_tail()}")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                status, _ = http_call(self.port, "GET", self.ready_path, timeout=2.0)
-                if status == 200:
-                    return
-            time.sleep(0.2)
-        raise BenchError(f"{self.name} server not ready in {READY_TIMEOUT_S}s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT_S)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        self._spawn([*self.command, "--port", str(self.port)])
+        self.wait_http(self.port, self.ready_path)
 
 
 @contextlib.contextmanager
@@ -601,44 +533,6 @@ def running(server: Server) -> Iterator[Server]:
 # --- rotator setup ------------------------------------------------------------------------------
 
 
-def _bin(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        raise BenchError(f"{name} not found next to {sys.executable} nor on PATH")
-    return found
-
-
-def ensure_database(url: str) -> None:
-    """Create the benchmark database if it is missing (never touches any other database)."""
-    import psycopg
-    from psycopg import sql
-
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
-    if not name or name in ("test", "postgres", "template0", "template1"):
-        raise BenchError(f"refusing to benchmark on database {name!r}: use e.g. rotator_bench")
-    maintenance = urlunsplit(parts._replace(path="/postgres"))
-    with psycopg.connect(maintenance, autocommit=True, connect_timeout=5) as connection:
-        exists = connection.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
-        ).fetchone()
-        if exists is None:
-            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            print(f"created database {name}")
-
-
-def _cli(rotator: str, env: dict[str, str], *args: str) -> str:
-    completed = subprocess.run(
-        [rotator, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
-    if completed.returncode != 0:
-        raise BenchError(f"rotator {' '.join(args)} failed:\n{completed.stderr}")
-    return completed.stdout.strip()
-
-
 @dataclass(frozen=True)
 class RotatorSetup:
     env: dict[str, str]
@@ -649,7 +543,7 @@ def rotator_env(rotator: str, database_url: str, broker_url: str) -> dict[str, s
     """The environment `rotator` runs with: production, a fresh at-rest key."""
     env = dict(os.environ)
     env.pop("ROTATOR_DATA_DIR", None)
-    key = _cli(rotator, env, "secrets", "genkey")
+    key = rotator_cli(rotator, env, "secrets", "genkey")
     env.update(
         ROTATOR_DATABASE_URL=database_url,
         ROTATOR_BROKER_URL=broker_url,
@@ -661,10 +555,10 @@ def rotator_env(rotator: str, database_url: str, broker_url: str) -> dict[str, s
 
 def prepare_rotator(rotator: str, database_url: str, broker_url: str) -> RotatorSetup:
     """Database at the newest migration, and a fresh organization with an all-scopes key."""
-    ensure_database(database_url)
+    ensure_database(database_url, hint=": use e.g. rotator_bench")
     env = rotator_env(rotator, database_url, broker_url)
-    _cli(rotator, env, "db", "upgrade")
-    issued = json.loads(_cli(rotator, env, "orgs", "create", "--name", "bench"))
+    rotator_cli(rotator, env, "db", "upgrade")
+    issued = json.loads(rotator_cli(rotator, env, "orgs", "create", "--name", "bench"))
     return RotatorSetup(env=env, api_key=str(issued["api_key"]))
 
 
@@ -973,7 +867,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     started = time.monotonic()
     try:
-        rotator = _bin("rotator")
+        rotator = find_bin("rotator")
         # The baseline is served with the uvicorn options `rotator api` itself passes.
         uvicorn_options = rotator_api_options(
             rotator_env(rotator, args.database_url, args.broker_url)

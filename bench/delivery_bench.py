@@ -30,7 +30,6 @@ end. Redis: the broker URL's database is flushed at start (use a database of you
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
 import os
@@ -44,20 +43,32 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/delivery_bench.py` puts bench/ first, not the root
     sys.path.insert(0, str(ROOT))
 
+from bench.common import (  # noqa: E402 - after the path fix above
+    HOST,
+    BenchError,
+    Proc,
+    cpu_snapshot,
+    db_name,
+    ensure_database,
+    find_bin,
+    flush_broker,
+    free_port,
+    http_call,
+    rotator_cli,
+)
+
 RESULTS_DIR = ROOT / "bench" / "results"
-HOST = "127.0.0.1"
 GOAL_RATIO = 0.50
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/rotator_bench_deliveries"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/7"
@@ -67,186 +78,12 @@ BULK_TASK = "bench.delivery.send_bulk"  # likewise
 IDLE_EVENT_TYPE = "brand.vetted"  # only the one idle-probe endpoint subscribes to it
 API_VERSION = "2026-04-01"
 READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 15.0
 # Worker options used unless --worker-args says otherwise: no broker chatter between workers
 # (heartbeat/gossip/mingle are for multi-node clusters and remote control) and fair scheduling.
 RECOMMENDED_WORKER_ARGS = "--without-heartbeat --without-gossip --without-mingle -O fair"
 
 
-class BenchError(RuntimeError):
-    """The benchmark cannot go on (setup failed, a process did not start, a phase timed out)."""
-
-
-# --- processes ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def http_call(
-    port: int,
-    method: str,
-    path: str,
-    *,
-    headers: dict[str, str] | None = None,
-    body: bytes | None = None,
-    timeout: float = 10.0,
-) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
-@dataclass
-class Proc:
-    """A subprocess in its own process group (so its children are found and stopped with it)."""
-
-    name: str
-    command: list[str]
-    env: dict[str, str]
-    log_dir: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.log_dir / f"{self.name}.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def wait_http(self, port: int, path: str) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise BenchError(f"{self.name} exited early:\n{self.log_tail()}")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                if http_call(port, "GET", path, timeout=2.0)[0] == 200:
-                    return
-            time.sleep(0.1)
-        raise BenchError(f"{self.name} not ready in {READY_TIMEOUT_S}s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        """SIGTERM to the process (Celery: warm shutdown, running tasks finish), then SIGKILL
-        to its whole group if it or any child is still there after STOP_TIMEOUT_S.
-
-        Only the main process gets SIGTERM: a prefork child that receives it directly dies
-        mid-task and leaves a claimed, unrecorded delivery behind.
-        """
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=STOP_TIMEOUT_S)
-        # Children (prefork pool) may outlive the parent for a moment; they are in our group.
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while group_pids(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if group_pids(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
 # --- CPU accounting from /proc ------------------------------------------------------------------
-
-
-def _proc_stat(pid: str) -> list[str] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return [stat[stat.index("(") + 1 : stat.rindex(")")], *stat[stat.rindex(")") + 2 :].split()]
-
-
-def _all_stats() -> Iterator[tuple[int, list[str]]]:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _proc_stat(entry.name)
-            if fields is not None:
-                yield int(entry.name), fields
-
-
-def group_pids(pgid: int) -> list[int]:
-    return [pid for pid, fields in _all_stats() if int(fields[3]) == pgid]
-
-
-def _cpu_s(fields: list[str]) -> float:
-    # fields[0] is comm; after it: state ppid pgrp session ... utime(12) stime(13)
-    return (int(fields[12]) + int(fields[13])) / os.sysconf("SC_CLK_TCK")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (
-            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        )
-    except OSError:
-        return ""
-
-
-def cpu_snapshot(groups: dict[str, int], database: str) -> dict[str, float]:
-    """CPU seconds so far: each named process group, our PostgreSQL backends, Redis, this process.
-
-    ``machine_busy``/``machine_total`` cover all cores; ``other`` is what the machine spent on
-    processes not listed here (other PostgreSQL databases, other users of the machine).
-    """
-    out: dict[str, float] = dict.fromkeys([*groups, "postgres", "redis", "bench"], 0.0)
-    by_pgid = {pgid: name for name, pgid in groups.items()}
-    me = os.getpid()
-    for pid, fields in _all_stats():
-        name = by_pgid.get(int(fields[3]))
-        if name is not None:
-            out[name] += _cpu_s(fields)
-        elif fields[0] == "postgres" and f" {database} " in _cmdline(pid):
-            out["postgres"] += _cpu_s(fields)
-        elif fields[0].startswith("redis-server"):
-            out["redis"] += _cpu_s(fields)
-        if pid == me:
-            out["bench"] += _cpu_s(fields)
-    first = Path("/proc/stat").read_text().splitlines()[0].split()
-    values = [float(v) for v in first[1:]]
-    ticks = os.sysconf("SC_CLK_TCK")
-    out["machine_busy"] = (sum(values[:8]) - values[3] - values[4]) / ticks
-    out["machine_total"] = sum(values[:8]) / ticks
-    return out
 
 
 def cpu_ms_per_item(
@@ -305,57 +142,6 @@ class ReceiverClient:
 # --- rotator setup ------------------------------------------------------------------------------
 
 
-def _bin(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        raise BenchError(f"{name} not found next to {sys.executable} nor on PATH")
-    return found
-
-
-def ensure_database(url: str) -> None:
-    """Create the benchmark database if missing (never touches any other database)."""
-    import psycopg
-    from psycopg import sql
-
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
-    if not name or name in ("test", "postgres", "template0", "template1"):
-        raise BenchError(f"refusing to benchmark on database {name!r}")
-    maintenance = urlunsplit(parts._replace(path="/postgres"))
-    with psycopg.connect(maintenance, autocommit=True, connect_timeout=5) as connection:
-        exists = connection.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
-        ).fetchone()
-        if exists is None:
-            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            print(f"created database {name}")
-
-
-def db_name(url: str) -> str:
-    return urlsplit(url).path.lstrip("/")
-
-
-def flush_broker(url: str) -> None:
-    """Empty the broker's Redis database (left-overs of an aborted run would skew the counts)."""
-    import redis
-
-    if urlsplit(url).path.strip("/") in ("", "0"):
-        raise BenchError("refusing to flush Redis database 0: pass a --broker-url of your own")
-    redis.Redis.from_url(url).flushdb()
-
-
-def _cli(rotator: str, env: dict[str, str], *args: str) -> str:
-    completed = subprocess.run(
-        [rotator, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
-    if completed.returncode != 0:
-        raise BenchError(f"rotator {' '.join(args)} failed:\n{completed.stderr}")
-    return completed.stdout.strip()
-
-
 @dataclass(frozen=True)
 class Setup:
     env: dict[str, str]
@@ -367,7 +153,7 @@ def prepare_rotator(rotator: str, database_url: str, broker_url: str) -> Setup:
     ensure_database(database_url)
     flush_broker(broker_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
-    key = _cli(rotator, env, "secrets", "genkey")
+    key = rotator_cli(rotator, env, "secrets", "genkey")
     env.update(
         ROTATOR_DATABASE_URL=database_url,
         ROTATOR_BROKER_URL=broker_url,
@@ -376,8 +162,8 @@ def prepare_rotator(rotator: str, database_url: str, broker_url: str) -> Setup:
         ROTATOR_ALLOW_INSECURE_URLS="true",
         ROTATOR_LOG_LEVEL=os.environ.get("ROTATOR_LOG_LEVEL", "WARNING"),
     )
-    _cli(rotator, env, "db", "upgrade")
-    issued = json.loads(_cli(rotator, env, "orgs", "create", "--name", "delivery-bench"))
+    rotator_cli(rotator, env, "db", "upgrade")
+    issued = json.loads(rotator_cli(rotator, env, "orgs", "create", "--name", "delivery-bench"))
     return Setup(env=env, api_key=str(issued["api_key"]), org_id=str(issued["org_id"]))
 
 
@@ -568,7 +354,7 @@ def worker_command(args: argparse.Namespace, setting: WorkerSetting) -> list[str
     if args.worker_module:
         base = [sys.executable, "-m", args.worker_module]
     else:
-        base = [_bin("rotator"), "worker"]
+        base = [find_bin("rotator"), "worker"]
     return [
         *base,
         "--pool",
@@ -789,7 +575,7 @@ def start_profiler(
     """``py-spy record`` (on-CPU samples) of the whole worker, parent and pool children."""
     if not args.profile:
         return None
-    py_spy = _bin("py-spy")
+    py_spy = find_bin("py-spy")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS_DIR / f"profile-{setting.pool}-{setting.concurrency}-{stamp}.txt"
@@ -978,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rotator-delivery-bench-") as tmp:
         log_dir = Path(tmp)
         try:
-            rotator = _bin("rotator")
+            rotator = find_bin("rotator")
             setup = prepare_rotator(rotator, args.database_url, args.broker_url)
             receiver_port = free_port()
             receiver_proc = Proc(

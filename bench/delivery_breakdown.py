@@ -43,21 +43,23 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.delivery_bench import (  # noqa: E402 - after the path fix above
+from bench.common import (  # noqa: E402 - after the path fix above
+    HOST,
+    BenchError,
+    Proc,
+    cpu_snapshot,
+    db_name,
+    find_bin,
+    flush_broker,
+    free_port,
+)
+from bench.delivery_bench import (  # noqa: E402
     DEFAULT_BROKER_URL,
     DEFAULT_DATABASE_URL,
     EVENT_TYPE,
-    HOST,
     RESULTS_DIR,
-    BenchError,
-    Proc,
     ReceiverClient,
-    _bin,
-    cpu_snapshot,
-    db_name,
     event_data,
-    flush_broker,
-    free_port,
     prepare_rotator,
 )
 
@@ -350,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_dir = Path(tmp)
         receiver: Proc | None = None
         try:
-            setup = prepare_rotator(_bin("rotator"), args.database_url, args.broker_url)
+            setup = prepare_rotator(find_bin("rotator"), args.database_url, args.broker_url)
             os.environ.update(setup.env)  # the project reads its settings once, at first use
             port = free_port()
             receiver = Proc(

@@ -62,7 +62,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -74,8 +74,22 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/migrate_bench.py` puts bench/ first, not the root
     sys.path.insert(0, str(ROOT))
 
+from bench import common  # noqa: E402 - after the path fix above
+from bench.common import (  # noqa: E402
+    HOST,
+    RESERVED_DATABASES,
+    BenchError,
+    cpu_snapshot,
+    db_name,
+    find_bin,
+    flush_broker,
+    free_port,
+    group_pids,
+    http_call,
+    rotator_cli,
+)
+
 RESULTS_DIR = ROOT / "bench" / "results"
-HOST = "127.0.0.1"
 GOAL_RATIO = 3.0
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/rotator_bench_migrate"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/13"
@@ -83,71 +97,17 @@ EVENT_TYPES = ["campaign.approved"]
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 POLL_S = 0.05
-RESERVED_DATABASES = frozenset({"test", "postgres", "template0", "template1"})
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot go on (setup failed, a process did not start, a phase timed out)."""
 
 
 # --- processes ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def http_call(
-    port: int, method: str, path: str, *, body: bytes | None = None, timeout: float = 5.0
-) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        connection.request(method, path, body=body)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
-def _proc_stat(pid: int | str) -> list[str] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return [stat[stat.index("(") + 1 : stat.rindex(")")], *stat[stat.rindex(")") + 2 :].split()]
-
-
-def _all_stats() -> Iterator[tuple[int, list[str]]]:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _proc_stat(entry.name)
-            if fields is not None:
-                yield int(entry.name), fields
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Processes of a process group (fields[3] is the pgrp)."""
-    return [pid for pid, fields in _all_stats() if int(fields[3]) == pgid]
-
-
 @dataclass
-class Proc:
-    """A subprocess in its own process group, so that its children are stopped with it."""
+class Proc(common.Proc):
+    """``common.Proc`` with a longer stop (the worker's warm shutdown) and a pid that is there."""
 
-    name: str
-    command: list[str]
-    env: dict[str, str]
-    log_dir: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.log_dir / f"{self.name}.log"
+    ready_timeout_s: float = READY_TIMEOUT_S
+    stop_timeout_s: float = STOP_TIMEOUT_S
 
     @property
     def pid(self) -> int:
@@ -155,100 +115,8 @@ class Proc:
             raise BenchError(f"{self.name} is not running")
         return self.process.pid
 
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def check(self) -> None:
-        if not self.alive():
-            raise BenchError(f"{self.name} exited:\n{self.log_tail()}")
-
-    def wait_http(self, port: int, path: str) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            self.check()
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                if http_call(port, "GET", path, timeout=2.0)[0] == 200:
-                    return
-            time.sleep(0.1)
-        raise BenchError(f"{self.name} not ready in {READY_TIMEOUT_S}s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        """SIGTERM to the main process (Celery: warm shutdown), then SIGKILL to the group."""
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=STOP_TIMEOUT_S)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while group_pids(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if group_pids(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
 
 # --- CPU accounting -----------------------------------------------------------------------------
-
-
-def _cpu_s(fields: list[str]) -> float:
-    return (int(fields[12]) + int(fields[13])) / os.sysconf("SC_CLK_TCK")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return ""
-    return raw.replace(b"\0", b" ").decode(errors="replace")
-
-
-def cpu_snapshot(groups: dict[str, int], database: str) -> dict[str, float]:
-    """CPU seconds so far of each named process group, of our PostgreSQL backends, of Redis and
-    of this process, plus the whole machine (busy and total, all cores)."""
-    out: dict[str, float] = dict.fromkeys([*groups, "postgres", "redis", "bench"], 0.0)
-    by_pgid = {pgid: name for name, pgid in groups.items()}
-    me = os.getpid()
-    for pid, fields in _all_stats():
-        name = by_pgid.get(int(fields[3]))
-        if pid == me:
-            out["bench"] += _cpu_s(fields)
-        elif name is not None:
-            out[name] += _cpu_s(fields)
-        elif fields[0] == "postgres" and f" {database} " in _cmdline(pid):
-            out["postgres"] += _cpu_s(fields)
-        elif fields[0].startswith("redis-server"):
-            out["redis"] += _cpu_s(fields)
-    first = Path("/proc/stat").read_text().splitlines()[0].split()
-    values = [float(v) for v in first[1:]]
-    ticks = os.sysconf("SC_CLK_TCK")
-    out["machine_busy"] = (sum(values[:8]) - values[3] - values[4]) / ticks
-    out["machine_total"] = sum(values[:8]) / ticks
-    return out
 
 
 def cpu_report(
@@ -283,20 +151,6 @@ def idle_sample(seconds: float = 1.0) -> float:
 # --- setup --------------------------------------------------------------------------------------
 
 
-def _bin(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        raise BenchError(f"{name} not found next to {sys.executable} nor on PATH")
-    return found
-
-
-def db_name(url: str) -> str:
-    return urlsplit(url).path.lstrip("/")
-
-
 def recreate_database(url: str) -> None:
     """Drop and create the benchmark database (refuses anything not named like a bench one)."""
     import psycopg
@@ -312,23 +166,6 @@ def recreate_database(url: str) -> None:
         connection.execute(sql.SQL("CREATE DATABASE {}").format(ident))
 
 
-def flush_broker(url: str) -> None:
-    import redis
-
-    if urlsplit(url).path.strip("/") in ("", "0"):
-        raise BenchError("refusing to flush Redis database 0: pass a --broker-url of your own")
-    redis.Redis.from_url(url).flushdb()
-
-
-def _cli(rotator: str, env: dict[str, str], *args: str) -> str:
-    completed = subprocess.run(
-        [rotator, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
-    if completed.returncode != 0:
-        raise BenchError(f"rotator {' '.join(args)} failed:\n{completed.stderr}")
-    return completed.stdout.strip()
-
-
 @dataclass(frozen=True)
 class Org:
     org_id: str
@@ -337,7 +174,7 @@ class Org:
 
 
 def create_org(rotator: str, env: dict[str, str], name: str) -> tuple[str, str]:
-    issued = json.loads(_cli(rotator, env, "orgs", "create", "--name", name))
+    issued = json.loads(rotator_cli(rotator, env, "orgs", "create", "--name", name))
     return str(issued["org_id"]), str(issued["api_key"])
 
 
@@ -543,7 +380,7 @@ class Spy:
 def start_py_spy(worker_pgid: int, api_pid: int, out_dir: Path, rate: int, idle: bool) -> list[Spy]:
     """``py-spy record`` on every process of the worker's group (the parent and its children)
     and on the API server, raw (collapsed) output; stopped with SIGINT (py-spy then writes)."""
-    py_spy = _bin("py-spy")
+    py_spy = find_bin("py-spy")
     spies = []
     for pid in [*group_pids(worker_pgid), api_pid]:
         role = "api" if pid == api_pid else "parent" if pid == worker_pgid else "child"
@@ -1108,7 +945,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     database = db_name(args.database_url)
-    rotator = _bin("rotator")
+    rotator = find_bin("rotator")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
     procs: list[Proc] = []
     phases: list[Phase] = []
@@ -1129,8 +966,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ROTATOR_LOG_LEVEL=args.log_level,
                 PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
             )
-            env["ROTATOR_ENCRYPTION_KEYS"] = _cli(rotator, env, "secrets", "genkey")
-            _cli(rotator, env, "db", "upgrade")
+            env["ROTATOR_ENCRYPTION_KEYS"] = rotator_cli(rotator, env, "secrets", "genkey")
+            rotator_cli(rotator, env, "db", "upgrade")
             # This process publishes the floor's chains and creates endpoints: same settings.
             os.environ.update({k: v for k, v in env.items() if k.startswith("ROTATOR_")})
             import redis
@@ -1229,7 +1066,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     phases.append(floor)
                     print(f"{floor.name}: {floor.total_s:.2f} s", flush=True)
-                received = json.loads(http_call(receiver_port, "GET", "/stats")[1])["count"]
+                stats = http_call(receiver_port, "GET", "/stats", timeout=5.0)[1]
+                received = json.loads(stats)["count"]
         except KeyboardInterrupt:
             print("interrupted; stopping processes", file=sys.stderr)
             return 130

@@ -43,9 +43,9 @@ if str(ROOT) not in sys.path:
 from bench.api_bench import (  # noqa: E402
     DEFAULT_BROKER_URL,
     DEFAULT_DATABASE_URL,
-    _bin,
     prepare_rotator,
 )
+from bench.common import find_bin  # noqa: E402
 
 ASGIApp = Callable[..., Awaitable[None]]
 
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--save", type=Path, help="also write the cProfile data to this file")
     args = parser.parse_args(argv)
 
-    setup = prepare_rotator(_bin("rotator"), args.database_url, args.broker_url)
+    setup = prepare_rotator(find_bin("rotator"), args.database_url, args.broker_url)
     os.environ.update(setup.env)  # before the project is imported: settings are read once
 
     from api.app import create_app
