@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from sqlalchemy import select
@@ -21,7 +20,7 @@ from models.db import Database
 from models.delivery import Delivery, DeliveryAttempt, Event
 from models.endpoint import create_endpoint
 from tests.conftest import overridden
-from tests.receivers import Received, ScriptedReceiver
+from tests.receivers import Received, ScriptedReceiver, serving
 
 RFC3339_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 EVENT_ID = re.compile(r"^evt_[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -147,12 +146,6 @@ def big_body_receiver(status: int, reply: bytes) -> Iterator[BigBodyReceiver]:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             return
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(Handler) as port:
+        state.port = port
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -25,6 +25,7 @@ from models.delivery import Delivery, DeliveryKind
 from models.endpoint import WebhookEndpoint
 from models.operation import Operation
 from receiver import DemoReceiver
+from tests.contract import OPERATION_FIELDS
 from tests.factories import Tenant, make_tenant
 from workers.enqueue import send
 from workers.names import TaskName
@@ -34,22 +35,6 @@ pytestmark = pytest.mark.e2e
 E2E_OVERRIDES = {"migrate_backoff_initial_seconds": 0.2, "migrate_backoff_max_seconds": 0.5}
 
 TERMINAL = {"succeeded", "rolled_back", "failed", "canceled"}
-OPERATION_FIELDS = {
-    "id",
-    "org_id",
-    "kind",
-    "state",
-    "trigger",
-    "policy_id",
-    "source_endpoint_id",
-    "new_endpoint_id",
-    "steps",
-    "deadline_at",
-    "error",
-    "created_at",
-    "updated_at",
-    "finished_at",
-}
 # The order states may follow; a migration may go back to running after waiting.
 STATE_ORDER = {"pending": 0, "running": 1, "awaiting_receiver": 1, **dict.fromkeys(TERMINAL, 2)}
 

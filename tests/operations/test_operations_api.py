@@ -31,36 +31,12 @@ from tests.api.helpers import (
     raw_rows,
 )
 from tests.conftest import overridden
+from tests.contract import OPERATION_FIELDS, STEP_FIELDS
 from tests.factories import Tenant, add_key, make_tenant
 from tests.receivers import scripted_receiver
 from workers.operations import advance
 
 MISSING_ID = "0190a1b2-0000-7000-8000-000000000000"
-OPERATION_FIELDS = {
-    "id",
-    "org_id",
-    "kind",
-    "state",
-    "trigger",
-    "policy_id",
-    "source_endpoint_id",
-    "new_endpoint_id",
-    "steps",
-    "deadline_at",
-    "error",
-    "created_at",
-    "updated_at",
-    "finished_at",
-}
-STEP_FIELDS = {
-    "name",
-    "state",
-    "attempts",
-    "started_at",
-    "finished_at",
-    "next_attempt_at",
-    "last_error",
-}
 STEP_NAMES = ["create_endpoint", "send_test_delivery", "await_success", "delete_old_endpoint"]
 
 
