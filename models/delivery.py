@@ -37,7 +37,7 @@ from models.endpoint import WebhookEndpoint, get_endpoint, signing_key
 from models.errors import NotFound, RateLimited, ValidationFailed
 from models.events import SUBSCRIBABLE_EVENT_TYPES, SYSTEM_EVENT_TYPES, TEST_EVENT
 from models.ids import new_event_id, new_id
-from models.org import Organization
+from models.org import lock_org
 from models.pagination import Page, paginate
 from receiver.signing import signature_headers
 
@@ -582,7 +582,7 @@ class Replay:
 def replay(session: Session, org_id: uuid.UUID, attempt_id: uuid.UUID) -> Replay:
     """Re-send an attempt's event data to its endpoint under a fresh event id (rate-limited)."""
     source = get_attempt(session, org_id, attempt_id)
-    session.execute(select(Organization.id).where(Organization.id == org_id).with_for_update())
+    lock_org(session, org_id)
     now = clock.now()
     window_start = now - timedelta(minutes=1)
     recent = session.scalars(

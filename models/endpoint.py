@@ -24,7 +24,7 @@ from models.db import box_of, settings_of
 from models.errors import Conflict, LimitExceeded, NotFound, ValidationFailed
 from models.events import SUBSCRIBABLE_EVENT_TYPES, SUPPORTED_API_VERSIONS, SYSTEM_EVENT_TYPES
 from models.ids import new_id
-from models.org import Organization
+from models.org import lock_org
 from models.pagination import Page, paginate
 
 MAX_EVENTS = 50
@@ -170,9 +170,7 @@ def create_endpoint(
             else f"unsupported; supported: {', '.join(SUPPORTED_API_VERSIONS)}",
         }
     )
-    # Serialise creations per organization so two concurrent requests cannot both take the
-    # last slot (a no-op on SQLite, whose writers are serialised already).
-    session.execute(select(Organization.id).where(Organization.id == org_id).with_for_update())
+    lock_org(session, org_id)  # two concurrent creates cannot both take the last slot
     limit = settings_of(session).endpoint_limit + over_limit_by
     if count_live(session, org_id) >= limit:
         raise LimitExceeded(f"an organization may have at most {limit} active endpoints")

@@ -21,7 +21,7 @@ from models import clock
 from models.base import Base, IdMixin, UTCDateTime
 from models.db import box_of, settings_of
 from models.ids import new_id
-from models.org import Organization
+from models.org import lock_org
 
 
 class SecretState(StrEnum):
@@ -91,7 +91,7 @@ def rotate(session: Session, org_id: uuid.UUID) -> Rotation:
     Rotating again inside the window expires the older previous at once. Concurrent rotations
     of one organization serialise on the organization row.
     """
-    session.execute(select(Organization.id).where(Organization.id == org_id).with_for_update())
+    lock_org(session, org_id)
     now = clock.now()
     grace = timedelta(seconds=settings_of(session).org_secret_grace_seconds)
     rows = session.scalars(
