@@ -75,6 +75,9 @@ class Settings(BaseSettings):
 
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
+    # A pooled connection idle longer than this is pinged before use (one round trip); busier
+    # ones are not: a server restart then costs one failed unit of work, not a ping per use.
+    db_ping_after_idle_seconds: float = Field(default=10.0, ge=0)
 
     @field_validator("encryption_keys", mode="before")
     @classmethod
