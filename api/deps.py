@@ -1,9 +1,13 @@
 """Authentication, scopes, the unit of work, and request bodies parsed after auth.
 
 A route runs its domain call through ``Caller.run``: one worker-thread hop that opens a
-session, calls the domain function, and commits (or rolls back). Authentication is a
-dependency, so it is settled before any parameter or body is validated: a caller without a
-valid key learns nothing but 401.
+session, checks the key is still live, calls the domain function, and commits (or rolls back).
+Hot reads (``Caller.reads``) stay on the event loop instead (``models.reads``).
+
+Authentication is a dependency, so it is settled before any parameter or body is validated: a
+caller without a valid key learns nothing but 401. It reads on the event loop and remembers a
+key for ``ROTATOR_AUTH_CACHE_SECONDS``: a revoked key is refused at once by anything that
+writes, and by reads once that time has passed.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import validation_details
 from models.db import Database, get_database
 from models.errors import Forbidden, Unauthorized, ValidationFailed
-from models.org import Principal, Scope, authenticate
+from models.org import Principal, PrincipalCache, Scope, authenticate, ensure_live
+from models.reads import Reads
 from rotator import logs
 
 T = TypeVar("T")
@@ -39,9 +44,14 @@ class Caller:
 
         def unit_of_work() -> T:
             with self.db.session() as session:
+                ensure_live(session, self.principal)
                 return fn(session, self.principal.org_id, *args, **kwargs)
 
         return await run_in_threadpool(unit_of_work)
+
+    @property
+    def reads(self) -> Reads:
+        return self.db.reads
 
 
 def _bearer(request: Request) -> str:
@@ -52,9 +62,9 @@ def _bearer(request: Request) -> str:
     return token.strip()
 
 
-def _authenticate(db: Database, token: str) -> Principal:
-    with db.session() as session:
-        return authenticate(session, token)
+@cache
+def _principals(ttl_seconds: float) -> PrincipalCache:
+    return PrincipalCache(ttl_seconds)
 
 
 @cache
@@ -64,7 +74,7 @@ def require(scope: Scope) -> Callable[..., Any]:
     async def dependency(request: Request) -> Caller:
         token = _bearer(request)
         db = get_database()
-        principal = await run_in_threadpool(_authenticate, db, token)
+        principal = await authenticate(db.reads, token, _principals(db.settings.auth_cache_seconds))
         request.state.org_id = str(principal.org_id)  # for the middleware's request log line
         logs.set_context(org_id=principal.org_id)  # for every other line of this request
         if scope not in principal.scopes:

@@ -39,49 +39,19 @@ class RequestContextMiddleware:
         state["request_id"] = request_id
         tokens = logs.set_context(request_id=request_id, org_id=None)
         began = time.perf_counter()
+        id_header = (b"x-request-id", request_id.encode())
         status = 500
-
-        async def send_observed(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self._handle(scope, receive, send_observed, request_id)
-        finally:
-            # One line per request: ids and numbers only, never headers, query or body.
-            log.info(
-                "http request",
-                extra={
-                    "method": scope.get("method"),
-                    "path": scope.get("path"),
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - began) * 1000, 1),
-                    **({"org_id": state["org_id"]} if state.get("org_id") else {}),
-                },
-            )
-            logs.reset_context(tokens)
-
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
-        header_value = request_id.encode()
         started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal status, started
             if message["type"] == "http.response.start":
                 started = True
-                headers = [
-                    (k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"
-                ]
-                headers.append((b"x-request-id", header_value))
+                status = message["status"]
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
+                headers.append(id_header)
                 message["headers"] = headers
             await send(message)
-
-        declared = _content_length(scope)
-        if declared is not None and declared > self.max_body_bytes:
-            await for_status(413, request_id)(scope, receive, send)
-            return
 
         received = 0
 
@@ -95,14 +65,32 @@ class RequestContextMiddleware:
             return message
 
         try:
-            await self.app(scope, capped_receive, send_with_id)
-        except _BodyTooLarge:
-            if not started:
-                await for_status(413, request_id)(scope, receive, send)
-        except Exception:
-            log.exception("unhandled error")
-            if not started:
-                await for_status(500, request_id)(scope, receive, send)
+            declared = _content_length(scope)
+            if declared is not None and declared > self.max_body_bytes:
+                await for_status(413, request_id)(scope, receive, send_with_id)
+                return
+            try:
+                await self.app(scope, capped_receive, send_with_id)
+            except _BodyTooLarge:
+                if not started:
+                    await for_status(413, request_id)(scope, receive, send_with_id)
+            except Exception:
+                log.exception("unhandled error")
+                if not started:
+                    await for_status(500, request_id)(scope, receive, send_with_id)
+        finally:
+            # One line per request: ids and numbers only, never headers, query or body.
+            log.info(
+                "http request",
+                extra={
+                    "method": scope.get("method"),
+                    "path": scope.get("path"),
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - began) * 1000, 1),
+                    **({"org_id": state["org_id"]} if state.get("org_id") else {}),
+                },
+            )
+            logs.reset_context(tokens)
 
 
 def _content_length(scope: Mapping[str, Any]) -> int | None:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.clock import rfc3339
 from models.delivery import DeliveryAttempt
-from models.endpoint import WebhookEndpoint
+from models.endpoint import EndpointView, WebhookEndpoint
 from models.operation import Operation
 from models.policy import RotationPolicy
 
@@ -69,7 +69,9 @@ class EndpointList(BaseModel):
     meta: ListMeta
 
 
-def endpoint_json(endpoint: WebhookEndpoint, *, secret: str | None = None) -> dict[str, Any]:
+def endpoint_json(
+    endpoint: WebhookEndpoint | EndpointView, *, secret: str | None = None
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": str(endpoint.id),
         "org_id": str(endpoint.org_id),

@@ -10,12 +10,11 @@ checkouts = pre-ping round trips, transactions) for
 
 * ``bare``        bench/bare_app.py GET /bare
 * ``healthz``     Rotator GET /healthz (middleware + routing, no database)
-* ``get``         Rotator GET /v1/webhooks/{id} as shipped (two worker-thread hops)
-* ``get-inline``  the same with the thread hops replaced by direct calls (shows the hop cost)
+* ``get``         Rotator GET /v1/webhooks/{id} as shipped (all on the event loop)
 
-then profiles ``get-inline`` with cProfile (threads hidden from cProfile are what the inline
-variant removes) and sums own time by package. Numbers are per request, sequential: they show
-cost, not concurrency effects (see bench/api_bench.py for throughput under load).
+then profiles ``get`` with cProfile and sums own time by package. Numbers are per request,
+sequential: they show cost, not concurrency effects (see bench/api_bench.py for throughput
+under load). cProfile measures wall time, so the profile includes the waits on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import importlib
 import json
 import os
 import pstats
@@ -218,12 +216,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     counters = DbCounters(get_database().engine)
     auth = {"Authorization": f"Bearer {setup.api_key}"}
 
-    async def inline(func: Callable[..., Any], *a: Any, **kw: Any) -> Any:
-        return func(*a, **kw)
-
-    deps: Any = importlib.import_module("api.deps")
-    shipped = deps.run_in_threadpool
-
     async def run() -> tuple[list[Measured], cProfile.Profile]:
         body = json.dumps(
             {"url": "https://bench.invalid/hook", "events": ["campaign.approved"]}
@@ -240,17 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             Case("get", rotator_app, "GET", path, auth),
         ]
         results = [await measure(case, args.requests, args.warmup, counters) for case in cases]
-        deps.run_in_threadpool = inline
-        try:
-            inline_case = Case("get-inline", rotator_app, "GET", path, auth)
-            results.append(await measure(inline_case, args.requests, args.warmup, counters))
-            profiler = cProfile.Profile()
-            profiler.enable()
-            for _ in range(args.requests):
-                await call(rotator_app, "GET", path, auth)
-            profiler.disable()
-        finally:
-            deps.run_in_threadpool = shipped
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.requests):
+            await call(rotator_app, "GET", path, auth)
+        profiler.disable()
+        await get_database().reads.close()
         return results, profiler
 
     results, profiler = asyncio.run(run())
@@ -272,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     stats = pstats.Stats(profiler)
     total = sum(t for _, t in by_package(stats)) or 1.0
-    print(f"\ncProfile of get-inline, own time by package (total {total:.2f} s):")
+    print(f"\ncProfile of get, own time by package (total {total:.2f} s):")
     for label, seconds in by_package(stats):
         print(f"  {100 * seconds / total:5.1f}%  {label}")
     print(f"\ntop {args.top} functions by own time:")

@@ -29,5 +29,4 @@ def reset() -> None:
 
 def rfc3339(value: datetime) -> str:
     """RFC 3339 UTC with a ``Z`` suffix and millisecond precision, as the contract shows."""
-    value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from models.crypto import SecretBox
+from models.reads import EngineReads, PostgresReads, Reads
 from rotator.settings import Settings, get_settings
 
 log = logging.getLogger("rotator.db")
@@ -98,7 +99,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 class Database:
-    """An engine, its session factory, and the at-rest key box sessions carry."""
+    """An engine, its session factory, the at-rest key box sessions carry, and ``reads``: the
+    same database for read-only queries on the event loop (``models.reads``)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -106,6 +108,13 @@ class Database:
         self.box = SecretBox(settings.encryption_key_bytes())
         self._sessions = sessionmaker(
             self.engine, expire_on_commit=False, info={"box": self.box, "settings": settings}
+        )
+        self.reads: Reads = (
+            PostgresReads(
+                settings.database_url, max_size=settings.db_pool_size + settings.db_max_overflow
+            )
+            if self.dialect == "postgresql"
+            else EngineReads(self.engine)
         )
 
     @property

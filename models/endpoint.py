@@ -10,12 +10,23 @@ import base64
 import secrets
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, LargeBinary, String, func, select, text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    String,
+    bindparam,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models import clock
@@ -26,6 +37,7 @@ from models.events import SUBSCRIBABLE_EVENT_TYPES, SUPPORTED_API_VERSIONS, SYST
 from models.ids import new_id
 from models.org import lock_org
 from models.pagination import Page, paginate
+from models.reads import Query, Reads
 
 MAX_EVENTS = 50
 MAX_DESCRIPTION = 200
@@ -204,21 +216,57 @@ def count_live(session: Session, org_id: uuid.UUID) -> int:
     )
 
 
+# A live endpoint of this organization; anything else is 404 (never 403).
+_LIVE = (
+    WebhookEndpoint.id == bindparam("endpoint_id"),
+    WebhookEndpoint.org_id == bindparam("org_id"),
+    WebhookEndpoint.deleted_at.is_(None),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointView:
+    """An endpoint as a read shows it: every column but the secret."""
+
+    id: uuid.UUID
+    org_id: uuid.UUID
+    url: str
+    description: str
+    events: list[str]
+    active: bool
+    api_version: str
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
+
+
+_READ = Query(
+    select(*(WebhookEndpoint.__table__.c[field.name] for field in fields(EndpointView))).where(
+        *_LIVE
+    )
+)
+
+
 def get_endpoint(
     session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID, *, for_update: bool = False
 ) -> WebhookEndpoint:
-    """A live endpoint of this organization; anything else is 404 (never 403)."""
-    query = select(WebhookEndpoint).where(
-        WebhookEndpoint.id == endpoint_id,
-        WebhookEndpoint.org_id == org_id,
-        WebhookEndpoint.deleted_at.is_(None),
-    )
+    """A live endpoint of this organization, in a unit of work (locked with ``for_update``)."""
+    query = select(WebhookEndpoint).where(*_LIVE)
     if for_update:
         query = query.with_for_update()
-    endpoint = session.scalars(query).one_or_none()
+    params = {"org_id": org_id, "endpoint_id": endpoint_id}
+    endpoint = session.scalars(query, params).one_or_none()
     if endpoint is None:
         raise NotFound()
     return endpoint
+
+
+async def read_endpoint(reads: Reads, org_id: uuid.UUID, endpoint_id: uuid.UUID) -> EndpointView:
+    """The same endpoint for showing it: read on the event loop, its secret never loaded."""
+    row = await reads.one(_READ, org_id=org_id, endpoint_id=endpoint_id)
+    if row is None:
+        raise NotFound()
+    return EndpointView(**row)
 
 
 def list_endpoints(

@@ -7,16 +7,17 @@ import string
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import JSON, ForeignKey, String, select
+from sqlalchemy import JSON, ForeignKey, String, bindparam, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models import clock
 from models.base import Base, IdMixin, UTCDateTime
 from models.crypto import hash_api_key
 from models.errors import NotFound, Unauthorized, ValidationFailed
+from models.reads import Query, Reads
 
 API_KEY_PREFIX = "am_live_"
 API_KEY_RANDOM_LEN = 34
@@ -127,15 +128,64 @@ def well_formed_key(api_key: str) -> bool:
     )
 
 
-def authenticate(session: Session, api_key: str) -> Principal:
-    """The principal for a bearer key; one indexed lookup on the key's hash."""
+_LIVE_KEY = Query(
+    select(ApiKey.id, ApiKey.org_id, ApiKey.scopes).where(
+        ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None)
+    )
+)
+
+
+class PrincipalCache:
+    """Principals recently authenticated, by key hash, for ``ttl_seconds`` (0: no caching).
+
+    What it costs: a revoked key keeps reading for up to ``ttl_seconds`` in a process that had
+    just seen it. Writes never rely on it (``ensure_live`` in their unit of work). Bounded:
+    when full, the oldest entries go first.
+    """
+
+    def __init__(self, ttl_seconds: float, max_entries: int = 10_000):
+        self.ttl = timedelta(seconds=ttl_seconds)
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[datetime, Principal]] = {}
+
+    def get(self, key_hash: str) -> Principal | None:
+        entry = self._entries.get(key_hash)
+        if entry is None:
+            return None
+        if entry[0] <= clock.now():
+            self._entries.pop(key_hash, None)
+            return None
+        return entry[1]
+
+    def put(self, key_hash: str, principal: Principal) -> None:
+        if not self.ttl:
+            return
+        if len(self._entries) >= self.max_entries:
+            for stale in list(self._entries)[: max(1, self.max_entries // 10)]:
+                del self._entries[stale]
+        self._entries[key_hash] = (clock.now() + self.ttl, principal)
+
+
+async def authenticate(reads: Reads, api_key: str, cache: PrincipalCache) -> Principal:
+    """The principal for a bearer key; one indexed lookup on the key's hash when not cached."""
     if not well_formed_key(api_key):
         raise Unauthorized()
-    row = session.execute(
-        select(ApiKey.id, ApiKey.org_id, ApiKey.scopes).where(
-            ApiKey.key_hash == hash_api_key(api_key), ApiKey.revoked_at.is_(None)
-        )
-    ).one_or_none()
+    key_hash = hash_api_key(api_key)
+    principal = cache.get(key_hash)
+    if principal is not None:
+        return principal
+    row = await reads.one(_LIVE_KEY, key_hash=key_hash)
     if row is None:
         raise Unauthorized()
-    return Principal(org_id=row.org_id, key_id=row.id, scopes=frozenset(row.scopes))
+    principal = Principal(org_id=row["org_id"], key_id=row["id"], scopes=frozenset(row["scopes"]))
+    cache.put(key_hash, principal)
+    return principal
+
+
+def ensure_live(session: Session, principal: Principal) -> None:
+    """Inside a unit of work that writes: the key is not revoked, whatever a cache says."""
+    revoked = session.execute(
+        select(ApiKey.revoked_at).where(ApiKey.id == principal.key_id)
+    ).one_or_none()
+    if revoked is None or revoked.revoked_at is not None:
+        raise Unauthorized()

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     # Multiplies every beat period (tests shorten them; production leaves it at 1).
     beat_period_scale: float = Field(default=1.0, gt=0, le=10)
 
+    # How long an API process trusts a key it has just authenticated, for reads (writes always
+    # check): a revoked key keeps reading for at most this long. 0 checks on every request.
+    auth_cache_seconds: float = Field(default=5.0, ge=0, le=300)
+
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     # A pooled connection idle longer than this is pinged before use (one round trip); busier

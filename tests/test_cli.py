@@ -1,13 +1,15 @@
 """The operator's command line, against the test database."""
 
+import asyncio
 import json
 import uuid
 
 import pytest
 from sqlalchemy import select
 
+from models.db import Database
 from models.errors import Unauthorized
-from models.org import ApiKey, authenticate
+from models.org import ApiKey, Principal, PrincipalCache, authenticate
 from rotator.cli import main
 
 
@@ -16,14 +18,23 @@ def _run(capsys, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def _authenticate(database: Database, api_key: str) -> Principal:
+    async def run() -> Principal:
+        try:
+            return await authenticate(database.reads, api_key, PrincipalCache(0))
+        finally:
+            await database.reads.close()
+
+    return asyncio.run(run())
+
+
 def test_orgs_create_prints_one_json_object_with_all_scopes_by_default(capsys, database):
     out = _run(capsys, "orgs", "create", "--name", "Acme")
     assert set(out) == {"org_id", "key_id", "api_key", "scopes"}
     assert sorted(out["scopes"]) == sorted(
         ["webhooks:read", "webhooks:write", "org:admin:write", "events:write"]
     )
-    with database.session() as session:
-        principal = authenticate(session, out["api_key"])
+    principal = _authenticate(database, out["api_key"])
     assert principal.org_id == uuid.UUID(out["org_id"])
 
 
@@ -35,8 +46,8 @@ def test_keys_create_with_scopes_then_revoke(capsys, database):
         "key_id": key["key_id"],
         "revoked": True,
     }
-    with database.session() as session, pytest.raises(Unauthorized):
-        authenticate(session, key["api_key"])
+    with pytest.raises(Unauthorized):
+        _authenticate(database, key["api_key"])
     with database.session() as session:
         stored = session.scalars(select(ApiKey.key_hash)).all()
     assert key["api_key"] not in stored

@@ -72,7 +72,7 @@ async def list_endpoints(
 @router.get("/{endpoint_id}", response_model=Endpoint, responses=responses(401, 403, 404, 422))
 async def get_endpoint(endpoint_id: uuid.UUID, caller: Reader) -> JSONResponse:
     """One endpoint. The secret is never shown here."""
-    endpoint = await caller.run(endpoints.get_endpoint, endpoint_id)
+    endpoint = await endpoints.read_endpoint(caller.reads, caller.principal.org_id, endpoint_id)
     return JSONResponse(endpoint_json(endpoint))
 
 

@@ -6,10 +6,12 @@ import hashlib
 import secrets
 import string
 import uuid
+from datetime import timedelta
 
 import pytest
 
-from models.org import revoke_key
+from models import clock
+from models.org import Principal, PrincipalCache, revoke_key
 from tests.api.helpers import (
     assert_error,
     assert_request_id,
@@ -17,6 +19,7 @@ from tests.api.helpers import (
     endpoint_row,
     raw_rows,
 )
+from tests.conftest import overridden
 from tests.factories import add_key, endpoint_body, make_tenant
 
 MISSING_ID = "0190a1b2-0000-7000-8000-000000000000"
@@ -139,6 +142,50 @@ def test_revoked_key_is_401_and_other_keys_of_the_org_still_work(client, databas
     assert_error(response, 401, "UNAUTHORIZED", "authentication failed")
     assert raw_rows(database, "webhook_endpoints") == []
     assert client.get("/v1/webhooks", headers=other.headers).status_code == 200
+
+
+def test_a_revoked_key_keeps_reading_for_the_cache_time_and_never_writes(
+    client, database, settings
+):
+    tenant = make_tenant(database)
+    endpoint = create(client, tenant)
+    path = f"/v1/webhooks/{endpoint['id']}"
+    before = endpoint_row(database, endpoint["id"])
+    assert client.get(path, headers=tenant.headers).status_code == 200  # now remembered
+    with database.session() as session:
+        revoke_key(session, tenant.key_id)
+    assert client.get(path, headers=tenant.headers).status_code == 200
+    response = client.patch(path, json={"description": "x"}, headers=tenant.headers)
+    assert_error(response, 401, "UNAUTHORIZED", "authentication failed")
+    assert endpoint_row(database, endpoint["id"]) == before
+    clock.travel(timedelta(seconds=settings.auth_cache_seconds + 0.001))
+    assert_error(client.get(path, headers=tenant.headers), 401, "UNAUTHORIZED")
+
+
+def test_without_the_cache_a_revoked_key_stops_reading_at_once(client, database, settings):
+    tenant = make_tenant(database)
+    endpoint = create(client, tenant)
+    path = f"/v1/webhooks/{endpoint['id']}"
+    with overridden(settings, auth_cache_seconds=0.0):
+        assert client.get(path, headers=tenant.headers).status_code == 200
+        with database.session() as session:
+            revoke_key(session, tenant.key_id)
+        assert_error(client.get(path, headers=tenant.headers), 401, "UNAUTHORIZED")
+
+
+def test_the_principal_cache_is_bounded_and_drops_its_oldest_entries():
+    cache = PrincipalCache(60, max_entries=10)
+    principals = {
+        f"hash{i}": Principal(org_id=uuid.uuid4(), key_id=uuid.uuid4(), scopes=frozenset())
+        for i in range(25)
+    }
+    for key_hash, principal in principals.items():
+        cache.put(key_hash, principal)
+    kept = [key_hash for key_hash in principals if cache.get(key_hash) is not None]
+    assert 1 <= len(kept) <= 10
+    assert "hash24" in kept
+    assert "hash0" not in kept
+    assert cache.get("hash24") == principals["hash24"]
 
 
 def test_401_comes_before_validation(client, database):
