@@ -60,7 +60,7 @@ class Query:
 
 
 class Reads:
-    """Runs ``Query`` objects; one per process and event loop (``close`` when the loop ends)."""
+    """Runs ``Query`` objects (``close`` before the event loop that ran them ends)."""
 
     async def one(self, query: Query, **params: Any) -> Row | None:
         rows = await self.all(query, **params)
@@ -74,20 +74,23 @@ class Reads:
 
 
 class PostgresReads(Reads):
+    """psycopg's asyncio pool, one per event loop (a pool's connections belong to its loop)."""
+
     def __init__(self, database_url: str, *, max_size: int):
         url = make_url(database_url).set(drivername="postgresql")
         self._conninfo = url.render_as_string(hide_password=False)
         self._max_size = max_size
-        self._pool: AsyncConnectionPool | None = None
-        self._opening: asyncio.Lock | None = None
+        self._pools: dict[asyncio.AbstractEventLoop, AsyncConnectionPool] = {}
+        self._opening: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
 
     async def _open(self) -> AsyncConnectionPool:
-        if self._pool is not None:
-            return self._pool
-        if self._opening is None:
-            self._opening = asyncio.Lock()
-        async with self._opening:
-            if self._pool is None:
+        loop = asyncio.get_running_loop()
+        pool = self._pools.get(loop)
+        if pool is not None:
+            return pool
+        async with self._opening.setdefault(loop, asyncio.Lock()):
+            pool = self._pools.get(loop)
+            if pool is None:
                 pool = AsyncConnectionPool(
                     self._conninfo,
                     min_size=1,
@@ -101,8 +104,8 @@ class PostgresReads(Reads):
                     name="rotator-reads",
                 )
                 await pool.open()
-                self._pool = pool
-        return self._pool
+                self._pools[loop] = pool
+        return pool
 
     async def all(self, query: Query, **params: Any) -> list[Row]:
         pool = await self._open()
@@ -122,7 +125,9 @@ class PostgresReads(Reads):
             return [query.row(values) for values in await cursor.fetchall()]
 
     async def close(self) -> None:
-        pool, self._pool, self._opening = self._pool, None, None
+        loop = asyncio.get_running_loop()
+        self._opening.pop(loop, None)
+        pool = self._pools.pop(loop, None)
         if pool is not None:
             await pool.close()
 
