@@ -804,8 +804,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (default 1)")
     parser.add_argument(
         "--targets",
-        default="bare,healthz,get,rotate",
-        help="comma separated subset of bare,healthz,get,rotate",
+        default="bare,bare-db,healthz,get,rotate",
+        help="comma separated subset of bare,bare-db,healthz,get,rotate",
     )
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
     parser.add_argument("--broker-url", default=DEFAULT_BROKER_URL)
@@ -853,7 +853,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     wanted = [name.strip() for name in args.targets.split(",") if name.strip()]
-    unknown = set(wanted) - {"bare", "healthz", "get", "rotate"}
+    unknown = set(wanted) - {"bare", "bare-db", "healthz", "get", "rotate"}
     if unknown:
         print(f"unknown target(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
@@ -917,7 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             with contextlib.ExitStack() as stack:
                 plan: list[tuple[Target, Server, DbStats | None]] = []
-                if "bare" in wanted:
+                if "bare" in wanted or "bare-db" in wanted:
                     bare = Server(
                         name="bare",
                         command=[
@@ -929,15 +929,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                             HOST,
                             *flags,
                         ],
-                        env=dict(os.environ),
+                        env={**os.environ, "BENCH_DATABASE_URL": args.database_url},
                         ready_path="/bare",
                         log_dir=log_dir,
                     )
                     servers.append(bare)
                     stack.enter_context(running(bare))
-                    plan.append((Target("bare", "bare", "GET", "/bare"), bare, None))
+                    for name in ("bare", "bare-db"):
+                        if name in wanted:
+                            plan.append((Target(name, "bare", "GET", f"/{name}"), bare, None))
 
-                rotator_targets = [name for name in wanted if name != "bare"]
+                rotator_targets = [name for name in wanted if not name.startswith("bare")]
                 if rotator_targets:
                     setup = prepare_rotator(rotator, args.database_url, args.broker_url)
                     db = DbStats(args.database_url)
