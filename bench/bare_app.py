@@ -30,9 +30,9 @@ _pools: dict[asyncio.AbstractEventLoop, AsyncConnectionPool] = {}
 
 @app.get("/bare-db")
 async def bare_db() -> JSONResponse:
-    """The same constant after one PostgreSQL round trip (``SELECT 1``, prepared, on psycopg's
-    asyncio pool, as Rotator's reads): what a GET that reads the database once costs at least.
-    The database is ``BENCH_DATABASE_URL``."""
+    """The same constant after one PostgreSQL round trip of its own (``SELECT 1``, prepared, on
+    psycopg's asyncio pool): what a GET costs that reads the database once per request, without
+    sharing round trips as Rotator's reads do. The database is ``BENCH_DATABASE_URL``."""
     loop = asyncio.get_running_loop()
     pool = _pools.get(loop)
     if pool is None:

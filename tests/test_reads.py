@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import psycopg
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import Float, bindparam, func, select, text, update
 
 from models.db import Database
 from models.endpoint import (
@@ -81,6 +81,53 @@ def test_a_read_finds_only_live_endpoints_of_the_caller(database: Database) -> N
         delete_endpoint(session, org_id, endpoint_id)
     with pytest.raises(NotFound):
         _run(database, lambda: read_endpoint(database.reads, org_id, endpoint_id))
+
+
+def test_reads_asked_for_together_each_get_their_own_answer(database: Database) -> None:
+    """Concurrent reads share round trips (a pipeline on PostgreSQL), never answers."""
+    asks: list[tuple[uuid.UUID, uuid.UUID, uuid.UUID | None]] = []
+    for _ in range(3):
+        org_id, endpoint_id = _endpoint(database)
+        asks.append((org_id, endpoint_id, endpoint_id))
+    asks += [(asks[0][0], asks[1][1], None), (asks[2][0], uuid.uuid4(), None)]  # not theirs
+    asks = asks * 8
+
+    async def read(org_id: uuid.UUID, endpoint_id: uuid.UUID) -> uuid.UUID | None:
+        try:
+            return (await read_endpoint(database.reads, org_id, endpoint_id)).id
+        except NotFound:
+            return None
+
+    async def read_all() -> list[uuid.UUID | None]:
+        await read(*asks[0][:2])  # the pool is open: the rest go as one batch
+        return await asyncio.gather(*(read(org_id, endpoint_id) for org_id, endpoint_id, _ in asks))
+
+    assert _run(database, read_all) == [expected for _, _, expected in asks]
+
+
+@postgres_only
+def test_a_read_that_fails_fails_alone(database: Database) -> None:
+    org_id, endpoint_id = _endpoint(database)
+    root = Query(select(func.sqrt(bindparam("x", type_=Float)).label("root")))
+
+    async def together() -> tuple[object, ...]:
+        await read_endpoint(database.reads, org_id, endpoint_id)  # the pool is open: one batch
+        return tuple(
+            await asyncio.gather(
+                read_endpoint(database.reads, org_id, endpoint_id),
+                database.reads.one(root, x=-1.0),
+                database.reads.one(root, x=4.0),
+                read_endpoint(database.reads, org_id, endpoint_id),
+                return_exceptions=True,
+            )
+        )
+
+    first, failed, rooted, last = _run(database, together)
+    assert isinstance(failed, psycopg.errors.InvalidArgumentForPowerFunction), failed
+    assert rooted == {"root": 2.0}
+    assert isinstance(first, EndpointView)
+    assert isinstance(last, EndpointView)
+    assert first.id == last.id == endpoint_id
 
 
 @postgres_only
