@@ -110,9 +110,7 @@ class Database:
             self.engine, expire_on_commit=False, info={"box": self.box, "settings": settings}
         )
         self.reads: Reads = (
-            PostgresReads(
-                settings.database_url, max_size=settings.db_pool_size + settings.db_max_overflow
-            )
+            PostgresReads(settings.database_url, max_size=settings.db_pool_size)
             if self.dialect == "postgresql"
             else EngineReads(self.engine)
         )
