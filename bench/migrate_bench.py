@@ -8,7 +8,7 @@ Usage (from the repository root; PostgreSQL and Redis running; see bench/README.
     .venv/bin/python bench/migrate_bench.py --py-spy         # + py-spy of the worker and API
     .venv/bin/python bench/migrate_bench.py --probe          # + SQL/commit/publish per task
     .venv/bin/python bench/migrate_bench.py --worker-module bench.migrate_tuned \
-        --tuned inline,merged,noping,joined                  # a prototype worker (bench only)
+        --tuned noping                                       # bench-only worker settings
 
 One run:
 

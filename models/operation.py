@@ -3,7 +3,10 @@
 An operation is a row plus one row per step. ``begin_advance`` and ``finish_probe`` are the
 only transitions the workers make; each locks the operation, checks what is already done
 (DESIGN invariant 3), changes the rows, and says when to advance next. The HTTP request of a
-test delivery happens between them, outside any transaction. A safe migrate ends with exactly
+test delivery happens between them, outside any transaction: ``begin_advance`` claims the
+attempt, ``finish_probe`` records its outcome, each in its own transition's transaction.
+Each step runs its queries before it changes the operation and step rows, so a transition
+writes each row once, at commit. A safe migrate ends with exactly
 one live endpoint of the pair (invariant 4): deleting the old endpoint is the point of no
 return, and every other way out soft-deletes the new one.
 """
@@ -32,7 +35,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import Mapped, Session, joinedload, mapped_column, relationship
 
 from models import clock
 from models import delivery as deliveries
@@ -457,12 +460,16 @@ class Advance:
     this transition did, for its log lines and metrics once it has committed."""
 
     probe_delivery_id: uuid.UUID | None = None
+    # The probe's attempt, claimed in the same transaction; None when there is nothing to send
+    # (a live claim by an earlier run, whose lease has not run out).
+    probe: deliveries.AttemptPlan | None = None
     deliver_first: uuid.UUID | None = None  # the in-band handoff, sent before the probe
     again_in: float | None = None  # seconds until the next advance; None: nothing scheduled
     kind: str | None = None
     finished_steps: tuple[FinishedStep, ...] = ()
     current_step: str | None = None
     ended_state: str | None = None  # set when this transition ended the operation
+    recorded: deliveries.DeliveryAttempt | None = None  # the probe attempt ``finish_probe`` logged
 
 
 NOTHING = Advance()
@@ -496,9 +503,17 @@ def _step_states(operation: Operation) -> dict[uuid.UUID, str]:
 
 
 def _lock_for_advance(session: Session, operation_id: uuid.UUID) -> Operation | None:
-    return session.scalars(
-        select(Operation).where(Operation.id == operation_id).with_for_update()
-    ).one_or_none()
+    """The operation row, locked, with its steps loaded by the same query (one round trip)."""
+    return (
+        session.scalars(
+            select(Operation)
+            .options(joinedload(Operation.steps))
+            .where(Operation.id == operation_id)
+            .with_for_update(of=Operation)
+        )
+        .unique()
+        .one_or_none()
+    )
 
 
 def begin_advance(session: Session, operation_id: uuid.UUID) -> Advance:
@@ -530,16 +545,20 @@ def _begin(session: Session, operation: Operation) -> Advance:
             "DEADLINE_EXCEEDED",
             "the receiver did not accept a test delivery before the deadline",
         )
+    if step.name == Step.CREATE_ENDPOINT:
+        advance = _create_endpoint(session, operation, step, now)
+    elif step.name in PROBE_STEPS:
+        advance = _start_probe(session, operation, step, now)
+    elif step.name == Step.DELETE_OLD_ENDPOINT:
+        advance = _delete_old_endpoint(session, operation, step, now)
+    else:
+        advance = _rotate_now(session, operation, step, now)
+    # After the step's own queries: each of them would flush these changes (autoflush), and
+    # the commit would write the rows a second time.
     if operation.state == OperationState.PENDING:
         operation.state = OperationState.RUNNING
     operation.updated_at = now
-    if step.name == Step.CREATE_ENDPOINT:
-        return _create_endpoint(session, operation, step, now)
-    if step.name in PROBE_STEPS:
-        return _start_probe(session, operation, step, now)
-    if step.name == Step.DELETE_OLD_ENDPOINT:
-        return _delete_old_endpoint(session, operation, step, now)
-    return _rotate_now(session, operation, step, now)
+    return advance
 
 
 def _rotate_now(
@@ -549,19 +568,20 @@ def _rotate_now(
     from models import endpoint as endpoints
     from models import org_secret
 
-    _begin_step(step, now)
     if step.name == Step.ROTATE_SECRET and operation.source_endpoint_id is not None:
         try:
             secret = endpoints.rotate_secret(
                 session, operation.org_id, operation.source_endpoint_id
             ).secret
         except NotFound as exc:
+            _begin_step(step, now)
             return _roll_back(session, operation, OperationState.FAILED, now, exc.code, exc.message)
     else:
         secret = org_secret.rotate(session, operation.org_id).secret
     operation.new_secret_ciphertext = box_of(session).encrypt(
         base64.b64decode(secret), context=_secret_context(operation.id)
     )
+    _begin_step(step, now)
     _succeed_step(step, now)
     return _finish(operation, OperationState.SUCCEEDED, now)
 
@@ -588,7 +608,6 @@ def _advance_now(operation: Operation, now: datetime) -> Advance:
 def _create_endpoint(
     session: Session, operation: Operation, step: OperationStep, now: datetime
 ) -> Advance:
-    _begin_step(step, now)
     if operation.new_endpoint_id is None:  # else: created by an earlier run of this step
         params = operation.params
         try:
@@ -602,8 +621,10 @@ def _create_endpoint(
                 over_limit_by=1,
             )
         except (ValidationFailed, NotFound, LimitExceeded) as exc:
+            _begin_step(step, now)
             return _roll_back(session, operation, OperationState.FAILED, now, exc.code, exc.message)
         operation.new_endpoint_id = created.endpoint.id
+    _begin_step(step, now)
     _succeed_step(step, now)
     return _advance_now(operation, now)
 
@@ -621,12 +642,17 @@ def _start_probe(
     deliver_first = None
     if operation.handoff == "in_band":
         deliver_first = _ensure_handoff(session, operation)
+    # Claimed with this step (locks: the operation, then its delivery, as ``finish_probe``).
+    # Signing needs nothing from the handoff, which the worker sends first.
+    plan = deliveries.claim(session, operation.probe_delivery_id)
     _begin_step(step, now)
     timeout = timedelta(seconds=settings_of(session).delivery_timeout_seconds)
     # Leased while the test delivery is in flight: the reconciler leaves the operation alone
     # until the request's timeout (plus its own reconcile_after) has passed.
     operation.next_advance_at = now + timeout
-    return Advance(probe_delivery_id=operation.probe_delivery_id, deliver_first=deliver_first)
+    return Advance(
+        probe_delivery_id=operation.probe_delivery_id, probe=plan, deliver_first=deliver_first
+    )
 
 
 def _ensure_handoff(session: Session, operation: Operation) -> uuid.UUID | None:
@@ -664,16 +690,28 @@ def _ensure_handoff(session: Session, operation: Operation) -> uuid.UUID | None:
     return handoff.id
 
 
-def finish_probe(session: Session, operation_id: uuid.UUID) -> Advance:
-    """Take the test delivery's outcome: move on when accepted, else wait (doubling) and retry."""
+def finish_probe(
+    session: Session,
+    operation_id: uuid.UUID,
+    sent: tuple[deliveries.AttemptPlan, deliveries.AttemptResult] | None = None,
+) -> Advance:
+    """Take the test delivery's outcome: move on when accepted, else wait (doubling) and retry.
+
+    ``sent``: the attempt ``begin_advance`` claimed and what the receiver answered; it is
+    recorded here, in the same transaction (whatever became of the operation meanwhile).
+    """
     operation = _lock_for_advance(session, operation_id)
+    recorded = deliveries.record(session, *sent).attempt if sent is not None else None
     if operation is None or operation.finished or operation.probe_delivery_id is None:
-        return NOTHING
+        return replace(NOTHING, recorded=recorded)
     before = _step_states(operation)
-    return _reported(operation, before, _finish_probe(session, operation))
+    advance = _finish_probe(session, operation, recorded)
+    return replace(_reported(operation, before, advance), recorded=recorded)
 
 
-def _finish_probe(session: Session, operation: Operation) -> Advance:
+def _finish_probe(
+    session: Session, operation: Operation, recorded: deliveries.DeliveryAttempt | None
+) -> Advance:
     now = clock.now()
     step = operation.current_step()
     if step is None or step.name not in PROBE_STEPS:
@@ -681,6 +719,8 @@ def _finish_probe(session: Session, operation: Operation) -> Advance:
     probe = session.get(deliveries.Delivery, operation.probe_delivery_id)
     if probe is None:  # pragma: no cover - the probe row is written with the operation
         return NOTHING
+    if probe.state != deliveries.DeliveryState.SUCCEEDED and recorded is None:
+        recorded = deliveries.last_attempt(session, probe.id)  # before the rows change
     operation.updated_at = now
     if probe.state == deliveries.DeliveryState.SUCCEEDED:
         _succeed_step(step, now)
@@ -689,8 +729,7 @@ def _finish_probe(session: Session, operation: Operation) -> Advance:
         operation.state = OperationState.RUNNING
         operation.wait_seconds = 0.0
         return _advance_now(operation, now)
-    last = deliveries.last_attempt(session, probe.id)
-    error = _describe(last)
+    error = _describe(recorded)
     if step.name == Step.SEND_TEST_DELIVERY:
         _succeed_step(step, now)  # sent; the waiting is the next step's
         step.last_error = error
@@ -725,7 +764,6 @@ def _describe(attempt: deliveries.DeliveryAttempt | None) -> str:
 def _delete_old_endpoint(
     session: Session, operation: Operation, step: OperationStep, now: datetime
 ) -> Advance:
-    _begin_step(step, now)
     source = (
         session.get(WebhookEndpoint, operation.source_endpoint_id)
         if operation.source_endpoint_id
@@ -737,6 +775,7 @@ def _delete_old_endpoint(
         from models.policy import follow_new_endpoint  # policies build on operations
 
         follow_new_endpoint(session, operation.policy_id, operation.new_endpoint_id)
+    _begin_step(step, now)
     _succeed_step(step, now)
     return _finish(operation, OperationState.SUCCEEDED, now)
 

@@ -11,7 +11,8 @@ from models import operation as operations
 from models.db import Database, get_database
 from rotator import logs, metrics
 from workers.app import app
-from workers.deliveries import attempt
+from workers.deliveries import _report as report_attempt
+from workers.deliveries import attempt, sender_for
 from workers.enqueue import send_after_commit
 from workers.names import TaskName
 
@@ -19,7 +20,11 @@ log = logging.getLogger("rotator.operations")
 
 
 def advance(db: Database, operation_id: uuid.UUID) -> None:
-    """Run the operation's current step; a duplicate or early call does nothing (invariant 3)."""
+    """Run the operation's current step; a duplicate or early call does nothing (invariant 3).
+
+    A test delivery takes two transactions: the step claims the attempt, the HTTP request runs
+    outside any transaction, and its outcome is recorded with the operation's next move.
+    """
     with logs.bound(operation_id=operation_id):
         with db.session() as session:
             step = operations.begin_advance(session, operation_id)
@@ -29,10 +34,15 @@ def advance(db: Database, operation_id: uuid.UUID) -> None:
             return
         if step.deliver_first is not None:
             attempt(db, step.deliver_first)  # the in-band handoff; retried like any delivery
-        attempt(db, step.probe_delivery_id)  # the HTTP request, outside any transaction
+        probe = step.probe
+        sent = None
+        if probe is not None:  # else an earlier run's claim is still live: nothing to send
+            sent = (probe, sender_for(db).post(probe.url, probe.body, probe.headers))
         with db.session() as session:
-            after = operations.finish_probe(session, operation_id)
+            after = operations.finish_probe(session, operation_id, sent)
             _schedule(session, operation_id, after)
+        if after.recorded is not None:
+            report_attempt(db, after.recorded)
         _report(db, after, "waiting" if after.again_in is not None else None)
 
 

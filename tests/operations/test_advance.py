@@ -26,7 +26,7 @@ from schedules.ticks import reconcile_operations
 from tests.conftest import overridden
 from tests.factories import Tenant, make_tenant
 from tests.receivers import Received, ScriptedReceiver, scripted_receiver
-from workers.deliveries import attempt
+from workers.deliveries import sender_for
 from workers.operations import advance
 
 STEP_NAMES = ["create_endpoint", "send_test_delivery", "await_success", "delete_old_endpoint"]
@@ -324,21 +324,24 @@ def test_probe_in_flight_is_not_sent_again_until_its_lease_runs_out(database, te
     source_id = add_source(database, tenant, accepting.url)
     op_id = start(database, tenant, source_id).operation.id
     advance(database, op_id)  # create_endpoint
-    # A worker starts the probe and dies before sending it.
+    # A worker starts the probe (the step claims its attempt) and dies before sending it.
     with database.session() as session:
         planned = operations.begin_advance(session, op_id)
-    assert planned.probe_delivery_id is not None
+    assert planned.probe is not None
+    assert planned.probe.delivery_id == planned.probe_delivery_id
+    assert probes_sent(database) == 1
     leased = load(database, op_id)
     assert leased.next_advance_at is not None
     assert leased.next_advance_at > clock.now() + timedelta(seconds=1)  # so a duplicate is early
 
     advance(database, op_id)  # a duplicate message while the probe is "in flight"
-    assert probes_sent(database) == 0
+    assert probes_sent(database) == 1
     assert load(database, op_id).steps[1].attempts == 1
+    assert accepting.received == []
 
     to(leased.next_advance_at)  # the reconciler's message, once the lease has run out
     advance(database, op_id)
-    assert probes_sent(database) == 1
+    assert probes_sent(database) == 2
     arrived(accepting, 1)
     operation = load(database, op_id)
     assert step_states(operation) == ["succeeded", "succeeded", "succeeded", "pending"]
@@ -437,12 +440,15 @@ def test_cancel_while_a_refused_probe_is_in_flight_is_not_held_back_by_the_backo
     to(operation.next_advance_at)
     with database.session() as session:  # a worker starts the next test delivery...
         planned = operations.begin_advance(session, operation.id)
-    assert planned.probe_delivery_id is not None
+    assert planned.probe is not None
     cancel(database, tenant, operation.id)  # ...the operator cancels meanwhile...
-    attempt(database, planned.probe_delivery_id)  # ...and the receiver refuses it again
+    probe = planned.probe  # ...and the receiver refuses it again
+    sent = (probe, sender_for(database).post(probe.url, probe.body, probe.headers))
     with database.session() as session:
-        after = operations.finish_probe(session, operation.id)
+        after = operations.finish_probe(session, operation.id, sent)
     assert after.again_in == 0.0  # the cancel is due now, not after the next wait
+    assert after.recorded is not None
+    assert after.recorded.response_status == 401
 
     advance(database, operation.id)  # the message the cancel request published
     operation = load(database, operation.id)

@@ -35,7 +35,7 @@ from models.operation import TERMINAL_STATES, Operation, OperationState, Step, S
 from models.org import create_org
 from receiver import DemoReceiver, serve
 from tests.conftest import overridden
-from workers.deliveries import attempt
+from workers.deliveries import attempt, sender_for
 from workers.operations import advance
 
 # The receiver checks signed timestamps against its own (real) clock while the test moves the
@@ -147,15 +147,15 @@ def _crash_after_commit(run: Run) -> None:
 
 
 def _crash_mid_probe(run: Run, receiver: DemoReceiver) -> None:
-    """A worker that dies after claiming the test delivery (the handoff, if any, was sent
-    first): the probe went out, maybe, and its outcome was never recorded."""
+    """A worker that dies after the test delivery went out (the step claimed it; the handoff,
+    if any, was sent first): its outcome was never recorded."""
     with run.db.session() as session:
         step = operations.begin_advance(session, run.operation_id)
     if step.deliver_first is not None:
         attempt(run.db, step.deliver_first)
-    if step.probe_delivery_id is not None:
-        with run.db.session() as session:
-            deliveries.claim(session, step.probe_delivery_id)
+    if step.probe is not None:
+        probe = step.probe
+        sender_for(run.db).post(probe.url, probe.body, probe.headers)
 
 
 def _cancel(run: Run) -> None:
