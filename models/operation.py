@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -31,6 +32,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     UniqueConstraint,
+    event,
     select,
     text,
 )
@@ -516,13 +518,40 @@ def _lock_for_advance(session: Session, operation_id: uuid.UUID) -> Operation | 
     )
 
 
+_HELD = "rotator.operation.held"
+
+
+@contextmanager
+def _holding(session: Session) -> Iterator[None]:
+    """Keep every row the transition loads or inserts until it returns.
+
+    The session's identity map holds rows weakly: a row a helper loaded and let go of (the new
+    endpoint, the probe's event and delivery) is gone by the time the next helper looks it up by
+    primary key, which then costs a query. Held, ``session.get`` finds it in memory.
+    """
+    session.info[_HELD] = []
+    try:
+        yield
+    finally:
+        session.info.pop(_HELD, None)
+
+
+@event.listens_for(Session, "loaded_as_persistent")
+@event.listens_for(Session, "pending_to_persistent")
+def _hold(session: Session, instance: object) -> None:
+    held: list[object] | None = session.info.get(_HELD)
+    if held is not None:
+        held.append(instance)
+
+
 def begin_advance(session: Session, operation_id: uuid.UUID) -> Advance:
     """Run the operation's current step if it is due. Safe to call any number of times."""
-    operation = _lock_for_advance(session, operation_id)
-    if operation is None or operation.finished:
-        return NOTHING
-    before = _step_states(operation)
-    return _reported(operation, before, _begin(session, operation))
+    with _holding(session):
+        operation = _lock_for_advance(session, operation_id)
+        if operation is None or operation.finished:
+            return NOTHING
+        before = _step_states(operation)
+        return _reported(operation, before, _begin(session, operation))
 
 
 def _begin(session: Session, operation: Operation) -> Advance:
@@ -634,17 +663,18 @@ def _start_probe(
 ) -> Advance:
     if operation.new_endpoint_id is None:  # pragma: no cover - create_endpoint precedes
         raise RuntimeError("probe before the new endpoint exists")
-    if operation.probe_delivery_id is None:
-        probe = deliveries.create_test_delivery(
+    probe_id = operation.probe_delivery_id
+    if probe_id is None:
+        probe_id = deliveries.create_test_delivery(
             session, operation.org_id, operation.new_endpoint_id, kind=deliveries.DeliveryKind.PROBE
-        )
-        operation.probe_delivery_id = probe.id
+        ).id
     deliver_first = None
     if operation.handoff == "in_band":
         deliver_first = _ensure_handoff(session, operation)
     # Claimed with this step (locks: the operation, then its delivery, as ``finish_probe``).
     # Signing needs nothing from the handoff, which the worker sends first.
-    plan = deliveries.claim(session, operation.probe_delivery_id)
+    plan = deliveries.claim(session, probe_id)
+    operation.probe_delivery_id = probe_id
     _begin_step(step, now)
     timeout = timedelta(seconds=settings_of(session).delivery_timeout_seconds)
     # Leased while the test delivery is in flight: the reconciler leaves the operation alone
@@ -700,13 +730,14 @@ def finish_probe(
     ``sent``: the attempt ``begin_advance`` claimed and what the receiver answered; it is
     recorded here, in the same transaction (whatever became of the operation meanwhile).
     """
-    operation = _lock_for_advance(session, operation_id)
-    recorded = deliveries.record(session, *sent).attempt if sent is not None else None
-    if operation is None or operation.finished or operation.probe_delivery_id is None:
-        return replace(NOTHING, recorded=recorded)
-    before = _step_states(operation)
-    advance = _finish_probe(session, operation, recorded)
-    return replace(_reported(operation, before, advance), recorded=recorded)
+    with _holding(session):
+        operation = _lock_for_advance(session, operation_id)
+        recorded = deliveries.record(session, *sent).attempt if sent is not None else None
+        if operation is None or operation.finished or operation.probe_delivery_id is None:
+            return replace(NOTHING, recorded=recorded)
+        before = _step_states(operation)
+        advance = _finish_probe(session, operation, recorded)
+        return replace(_reported(operation, before, advance), recorded=recorded)
 
 
 def _finish_probe(

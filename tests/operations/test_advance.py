@@ -10,17 +10,22 @@ from __future__ import annotations
 import base64
 import threading
 import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
 from models import clock
 from models import operation as operations
 from models.delivery import Delivery, DeliveryKind, DeliveryState
 from models.endpoint import WebhookEndpoint, create_endpoint, signing_key
 from models.errors import Conflict
-from models.operation import Operation, OperationKind, OperationState, Trigger
+from models.operation import Operation, OperationKind, OperationState, OperationStep, Trigger
 from receiver import BadSignature, verify
 from schedules.ticks import reconcile_operations
 from tests.conftest import overridden
@@ -549,3 +554,104 @@ def test_scheduled_rotation_keeps_its_secret_until_revealed(database, tenant, ac
     assert verify(probe.headers, probe.body, [secret]).secret_index == 0
     with pytest.raises(Conflict), database.session() as session:
         operations.reveal_secret(session, tenant.org_id, op_id)
+
+
+# --- what one advance costs the database -----------------------------------------------------
+# Each transition locks the operation with its steps in one query and writes each operation and
+# step row at most once (a step runs its queries before it changes them, so autoflush does not
+# write them early); the test delivery takes two transactions: the step that claims its attempt,
+# and the one that records the outcome with the operation's next move.
+
+
+@dataclass
+class Seen:
+    commits: int = 0
+    statements: list[str] = field(default_factory=list)
+    # Row writes per transaction: (table, id) -> how many UPDATEs the flushes made of it.
+    writes: list[Counter[tuple[str, uuid.UUID]]] = field(default_factory=lambda: [Counter()])
+
+    def twice_written(self) -> list[tuple[str, uuid.UUID]]:
+        return [row for counts in self.writes for row, count in counts.items() if count > 1]
+
+
+@contextmanager
+def watched(database) -> Iterator[Seen]:
+    seen = Seen()
+
+    def on_statement(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.statements.append(" ".join(statement.split()))
+
+    def on_commit(_conn: Any) -> None:
+        seen.commits += 1
+        seen.writes.append(Counter())
+
+    def on_update(_mapper: Any, _conn: Any, target: Any) -> None:
+        seen.writes[-1][(type(target).__tablename__, target.id)] += 1
+
+    listeners: list[tuple[Any, str, Callable[..., Any]]] = [
+        (database.engine, "before_cursor_execute", on_statement),
+        (database.engine, "commit", on_commit),
+        (Operation, "before_update", on_update),
+        (OperationStep, "before_update", on_update),
+    ]
+    for target, name, listener in listeners:
+        event.listen(target, name, listener)
+    try:
+        yield seen
+    finally:
+        for target, name, listener in listeners:
+            event.remove(target, name, listener)
+
+
+def steps_queried(seen: Seen) -> int:
+    """SELECTs of the step rows on their own (not joined to the locked operation)."""
+    return sum(
+        1
+        for statement in seen.statements
+        if statement.startswith("SELECT") and "FROM operation_steps" in statement
+    )
+
+
+def test_each_step_of_a_migration_writes_each_row_once(database, tenant, accepting):
+    source_id = add_source(database, tenant, accepting.url)
+    op_id = start(database, tenant, source_id).operation.id
+
+    commits = []
+    for _ in range(3):  # create_endpoint, send_test_delivery (accepted), delete_old_endpoint
+        with watched(database) as seen:
+            advance(database, op_id)
+        assert seen.twice_written() == []
+        assert steps_queried(seen) == 0
+        commits.append(seen.commits)
+
+    assert commits == [1, 2, 1]  # the test delivery: claimed with its step, recorded with the next
+    assert load(database, op_id).state == OperationState.SUCCEEDED
+
+
+def test_a_refused_test_delivery_and_the_retry_write_each_row_once(database, tenant, refusing):
+    source_id = add_source(database, tenant, refusing.url)
+    op_id = start(database, tenant, source_id).operation.id
+    advance(database, op_id)  # create_endpoint
+
+    for _ in range(2):  # the first test delivery, then a retry once the wait is over
+        with watched(database) as seen:
+            advance(database, op_id)
+        assert seen.twice_written() == []
+        assert steps_queried(seen) == 0
+        assert seen.commits == 2
+        operation = load(database, op_id)
+        assert operation.state == OperationState.AWAITING_RECEIVER
+        assert operation.steps[2].last_error == "receiver answered 401"
+        to(operation.next_advance_at)
+
+
+def test_a_duplicate_advance_writes_nothing(database, tenant, refusing):
+    source_id = add_source(database, tenant, refusing.url)
+    op_id = start(database, tenant, source_id).operation.id
+    advance(database, op_id)
+    advance(database, op_id)  # refused: the next advance is seconds away
+
+    with watched(database) as seen:
+        advance(database, op_id)  # early: a duplicate message
+    assert seen.commits == 1
+    assert [s.split()[0] for s in seen.statements] == ["SELECT"]  # the lock, nothing else
