@@ -7,8 +7,8 @@ Usage (from the repository root; PostgreSQL and Redis running; see bench/README.
     .venv/bin/python bench/migrate_bench.py --sequential     # API phase, then worker phase
     .venv/bin/python bench/migrate_bench.py --py-spy         # + py-spy of the worker and API
     .venv/bin/python bench/migrate_bench.py --probe          # + SQL/commit/publish per task
-    .venv/bin/python bench/migrate_bench.py --worker-module bench.migrate_tuned \
-        --tuned noping                                       # bench-only worker settings
+    .venv/bin/python bench/migrate_bench.py --worker-module bench.tuned_worker \
+        --worker-args=--no-task-events                       # a prototype worker (bench only)
 
 One run:
 
@@ -904,7 +904,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="",
         help="run the worker as `python -m MODULE` (a bench prototype) instead of `rotator worker`",
     )
-    parser.add_argument("--tuned", default="", help="passed to --worker-module as --tuned VALUE")
     parser.add_argument("--log-level", default=os.environ.get("ROTATOR_LOG_LEVEL", "INFO"))
     parser.add_argument(
         "--rounds",
@@ -1008,10 +1007,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             includes = "bench.floor_app,bench.migrate_probe" if args.probe else "bench.floor_app"
             worker_options += ["-I", includes, *args.worker_args.split()]
             if args.worker_module:
-                command = [sys.executable, "-m", args.worker_module]
-                if args.tuned:
-                    command += ["--tuned", args.tuned]
-                command += worker_options
+                command = [sys.executable, "-m", args.worker_module, *worker_options]
             else:
                 command = [rotator, "worker", *worker_options]
             worker = Proc("worker", command, env, log_dir)
