@@ -17,7 +17,7 @@ import base64
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -463,8 +463,9 @@ class Advance:
 
     probe_delivery_id: uuid.UUID | None = None
     # The probe's attempt, claimed in the same transaction; None when there is nothing to send
-    # (a live claim by an earlier run, whose lease has not run out).
-    probe: deliveries.AttemptPlan | None = None
+    # (a live claim by an earlier run, whose lease has not run out). Not in the repr: its
+    # headers carry signatures.
+    probe: deliveries.AttemptPlan | None = field(default=None, repr=False)
     deliver_first: uuid.UUID | None = None  # the in-band handoff, sent before the probe
     again_in: float | None = None  # seconds until the next advance; None: nothing scheduled
     kind: str | None = None
