@@ -506,13 +506,20 @@ def _step_states(operation: Operation) -> dict[uuid.UUID, str]:
 
 
 def _lock_for_advance(session: Session, operation_id: uuid.UUID) -> Operation | None:
-    """The operation row, locked, with its steps loaded by the same query (one round trip)."""
+    """The operation row and its step rows, locked and loaded by one query.
+
+    The steps are locked too, not only joined: a query that waited for another transition's
+    lock reads the newest version of the rows it locks, but the rows it only joins as they
+    were when it started, so it would see the operation after that transition and its steps
+    before it. Every operation has steps, hence the inner join (PostgreSQL refuses to lock the
+    nullable side of an outer join).
+    """
     return (
         session.scalars(
             select(Operation)
-            .options(joinedload(Operation.steps))
+            .options(joinedload(Operation.steps, innerjoin=True))
             .where(Operation.id == operation_id)
-            .with_for_update(of=Operation)
+            .with_for_update()
         )
         .unique()
         .one_or_none()

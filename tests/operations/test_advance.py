@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select, update
+from sqlalchemy import event, func, select, text, update
 
 from models import clock
 from models import operation as operations
@@ -271,6 +271,49 @@ def test_concurrent_duplicate_advances_create_one_endpoint_and_send_one_probe(
     with database.session() as session:
         probes = session.scalars(select(Delivery).where(Delivery.kind == DeliveryKind.PROBE)).all()
     assert len(probes) == 1
+
+
+def test_an_advance_that_waited_for_the_lock_sees_the_steps_the_other_one_wrote(
+    database, tenant, accepting
+):
+    """The step rows are read after the operation's lock is granted, not before it."""
+    source_id = add_source(database, tenant, accepting.url)
+    op_id = start(database, tenant, source_id).operation.id
+    errors: list[Exception] = []
+
+    def second() -> None:
+        try:
+            advance(database, op_id)
+        except Exception as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=second)
+    with database.session() as session:
+        operations.begin_advance(session, op_id)  # create_endpoint, lock held until commit
+        waiter.start()
+        if database.dialect == "postgresql":  # SQLite: the one pooled connection serialises
+            wait_for_a_lock_wait(database)
+    waiter.join(timeout=30)
+    assert errors == []
+    operation = load(database, op_id)
+    # The second advance ran the step after create_endpoint, not create_endpoint again.
+    assert step_states(operation) == ["succeeded", "succeeded", "succeeded", "pending"]
+    assert step_attempts(operation)[:2] == [1, 1]
+    arrived(accepting, 1)
+
+
+def wait_for_a_lock_wait(database) -> None:
+    """Until some session of this database waits for a row lock (bounded)."""
+    statement = text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    for _ in range(1000):
+        with database.engine.connect() as connection:
+            if connection.scalar(statement):
+                return
+        threading.Event().wait(0.01)
+    raise AssertionError("the second advance never waited for the lock")
 
 
 # --- waiting for the receiver -----------------------------------------------------------------
