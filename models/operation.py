@@ -290,9 +290,11 @@ def start_migration(
         OperationStep(id=new_id(), position=index, name=name, state=StepState.PENDING, attempts=0)
         for index, name in enumerate(MIGRATE_STEPS)
     ]
+    session.add(operation)
     try:
-        with session.begin_nested():
-            session.add(operation)
+        # No savepoint: the unit of work rolls back on the Conflict anyway (a caller that
+        # carries on after one, as the policy tick does, wraps the call in its own).
+        session.flush()
     except IntegrityError:  # a concurrent migrate of the same endpoint won the race
         raise Conflict("a migration is already running on this endpoint") from None
     return Started(operation=operation, secret=secret if reveal else None)
