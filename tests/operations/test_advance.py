@@ -507,6 +507,37 @@ def test_cancel_while_a_refused_probe_is_in_flight_is_not_held_back_by_the_backo
     assert_rolled_back_pair(database, operation)
 
 
+def test_a_probe_answered_after_its_operation_rolled_back_is_still_logged(
+    database, tenant, accepting
+):
+    source_id = add_source(database, tenant, accepting.url)
+    op_id = start(database, tenant, source_id).operation.id
+    advance(database, op_id)  # create_endpoint
+    with database.session() as session:  # a worker claims the test delivery...
+        planned = operations.begin_advance(session, op_id)
+    assert planned.probe is not None
+    cancel(database, tenant, op_id)
+    to(load(database, op_id).deadline_at)  # ...and meanwhile the rollback runs (the lease is
+    advance(database, op_id)  # long gone at the deadline)
+    assert load(database, op_id).state == OperationState.CANCELED
+
+    probe = planned.probe  # the receiver accepts it, too late
+    sent = (probe, sender_for(database).post(probe.url, probe.body, probe.headers))
+    with database.session() as session:
+        after = operations.finish_probe(session, op_id, sent)
+    assert after.again_in is None
+    assert after.recorded is not None
+    assert after.recorded.response_status == 200
+    assert after.recorded.outcome == "success"
+    operation = load(database, op_id)
+    assert operation.state == OperationState.CANCELED  # the rollback stands
+    assert_rolled_back_pair(database, operation)
+    with database.session() as session:
+        delivery = session.get(Delivery, planned.probe_delivery_id)
+        assert delivery is not None
+        assert delivery.state == DeliveryState.ABANDONED  # its endpoint is gone: not revived
+
+
 def test_cancel_is_refused_once_the_old_endpoint_is_deleted(database, tenant, accepting):
     source_id = add_source(database, tenant, accepting.url)
     op_id = start(database, tenant, source_id).operation.id
