@@ -6,9 +6,9 @@ only transitions the workers make; each locks the operation, checks what is alre
 test delivery happens between them, outside any transaction: ``begin_advance`` claims the
 attempt, ``finish_probe`` records its outcome, each in its own transition's transaction.
 Each step runs its queries before it changes the operation and step rows, so a transition
-writes each row once, at commit. A safe migrate ends with exactly
-one live endpoint of the pair (invariant 4): deleting the old endpoint is the point of no
-return, and every other way out soft-deletes the new one.
+writes each row once, at commit. A safe migrate ends with exactly one live endpoint of the
+pair (invariant 4): deleting the old endpoint is the point of no return, and every other way
+out soft-deletes the new one.
 """
 
 from __future__ import annotations
