@@ -2,8 +2,10 @@
 
 An event fans out to one delivery per active endpoint subscribed to its type. A delivery is
 sent in attempts; each attempt is claimed in one transaction (so a duplicate message does
-nothing), sent outside any transaction, and recorded in another. The database decides what is
-due: a lost message costs a reconciler tick, never a delivery.
+nothing), sent outside any transaction, and recorded in another. Claims and records are
+set-based: the deliveries of one message (an event's fan-out) share those two transactions
+and a handful of statements. The database decides what is due: a lost message costs a
+reconciler tick, never a delivery.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import hashlib
 import json
 import random
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -25,6 +27,8 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    insert,
+    or_,
     select,
     update,
 )
@@ -33,7 +37,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 from models import clock, org_secret
 from models.base import Base, IdMixin, UTCDateTime
 from models.db import settings_of
-from models.endpoint import WebhookEndpoint, get_endpoint, signing_key
+from models.endpoint import WebhookEndpoint, decrypt_secret, get_endpoint
 from models.errors import NotFound, RateLimited, ValidationFailed
 from models.events import SUBSCRIBABLE_EVENT_TYPES, SYSTEM_EVENT_TYPES, TEST_EVENT
 from models.ids import new_event_id, new_id
@@ -135,6 +139,7 @@ class AttemptPlan:
     endpoint_id: uuid.UUID
     event_id: str
     event_type: str
+    kind: DeliveryKind
     attempt: int
     url: str
     body: bytes
@@ -328,59 +333,135 @@ def envelope_bytes(event: Event, api_version: str) -> bytes:
     ).encode()
 
 
-def claim(session: Session, delivery_id: uuid.UUID) -> AttemptPlan | None:
-    """Claim the next attempt of a due delivery, or None when there is nothing to do.
+def _lease(session: Session, now: datetime) -> datetime:
+    return now + timedelta(seconds=settings_of(session).delivery_timeout_seconds)
 
-    Returns None for a delivery that is finished, not yet due (a duplicate or early message),
-    or whose endpoint is gone (the delivery is abandoned). The claim pushes ``next_attempt_at``
-    a lease ahead, so a worker that dies mid-send is retried by the reconciler.
-    """
-    delivery = session.scalars(
-        select(Delivery).where(Delivery.id == delivery_id).with_for_update()
-    ).one_or_none()
-    now = clock.now()
-    if delivery is None or delivery.state != DeliveryState.PENDING:
-        return None
-    if delivery.next_attempt_at is not None and delivery.next_attempt_at > now + timedelta(
-        seconds=1
-    ):
-        return None
-    endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
-    # Pausing stops deliveries, but a paused endpoint still exists: its test delivery is sent.
-    paused = not endpoint.active and delivery.kind != DeliveryKind.TEST if endpoint else False
-    if endpoint is None or endpoint.deleted_at is not None or paused:
-        delivery.state = DeliveryState.ABANDONED
-        delivery.updated_at = now
-        return None
-    event = session.get(Event, delivery.event_id)
-    if event is None:  # pragma: no cover - foreign key guarantees it
-        raise NotFound()
-    settings = settings_of(session)
-    delivery.attempts += 1
-    delivery.next_attempt_at = now + timedelta(seconds=settings.delivery_timeout_seconds)
-    delivery.updated_at = now
-    body = envelope_bytes(event, endpoint.api_version)
-    headers = {
-        "Content-Type": "application/json",
-        **signature_headers(
-            endpoint_key=signing_key(session, endpoint),
-            msg_id=event.id,
-            timestamp=int(now.timestamp()),
-            body=body,
-            org_keys=org_secret.signing_keys(session, event.org_id),
-        ),
-    }
-    return AttemptPlan(
-        delivery_id=delivery.id,
-        org_id=delivery.org_id,
-        endpoint_id=endpoint.id,
-        event_id=event.id,
-        event_type=event.type,
-        attempt=delivery.attempts,
-        url=endpoint.url,
-        body=body,
-        headers=headers,
+
+def _endpoint_takes() -> Any:
+    """The endpoint of the delivery being claimed still takes it: not deleted, and not paused
+    (pausing stops deliveries, but a paused endpoint still exists: its test delivery is sent)."""
+    return (
+        select(WebhookEndpoint.id)
+        .where(
+            WebhookEndpoint.id == Delivery.endpoint_id,
+            WebhookEndpoint.deleted_at.is_(None),
+            or_(WebhookEndpoint.active.is_(True), Delivery.kind == DeliveryKind.TEST),
+        )
+        .exists()
     )
+
+
+def claim_many(session: Session, delivery_ids: Iterable[uuid.UUID]) -> list[AttemptPlan]:
+    """Claim the next attempt of every due delivery among ``delivery_ids``, set-based.
+
+    One ``UPDATE … RETURNING`` takes the deliveries that are pending, due, and whose endpoint
+    still takes them: it counts the attempt and pushes ``next_attempt_at`` a lease ahead in the
+    same statement, so a duplicate message (or a concurrent worker) finds nothing to claim, and
+    a worker that dies mid-send is retried by the reconciler once the lease is over. Pending
+    deliveries whose endpoint is gone or paused are abandoned. The others (finished, or not due
+    yet: a duplicate or early message) are left alone. The plans come back in id order.
+    """
+    ids = sorted(set(delivery_ids))
+    if not ids:
+        return []
+    now = clock.now()
+    claimed = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id.in_(ids),
+            Delivery.state == DeliveryState.PENDING,
+            or_(
+                Delivery.next_attempt_at.is_(None),
+                Delivery.next_attempt_at <= now + timedelta(seconds=1),
+            ),
+            _endpoint_takes(),
+        )
+        .values(
+            attempts=Delivery.attempts + 1, next_attempt_at=_lease(session, now), updated_at=now
+        )
+        .returning(
+            Delivery.id,
+            Delivery.org_id,
+            Delivery.endpoint_id,
+            Delivery.event_id,
+            Delivery.kind,
+            Delivery.attempts,
+        )
+        .execution_options(synchronize_session=False)
+    ).all()
+    if len(claimed) < len(ids):
+        session.execute(
+            update(Delivery)
+            .where(
+                Delivery.id.in_(ids),
+                Delivery.state == DeliveryState.PENDING,
+                ~_endpoint_takes(),
+            )
+            .values(state=DeliveryState.ABANDONED, next_attempt_at=None, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    if not claimed:
+        return []
+    endpoints = {
+        row.id: row
+        for row in session.execute(
+            select(
+                WebhookEndpoint.id,
+                WebhookEndpoint.url,
+                WebhookEndpoint.api_version,
+                WebhookEndpoint.secret_ciphertext,
+            ).where(WebhookEndpoint.id.in_({row.endpoint_id for row in claimed}))
+        )
+    }
+    events = {
+        event.id: event
+        for event in session.scalars(
+            select(Event).where(Event.id.in_({row.event_id for row in claimed}))
+        )
+    }
+    org_keys = {org: org_secret.signing_keys(session, org) for org in {r.org_id for r in claimed}}
+    timestamp = int(now.timestamp())
+    bodies: dict[tuple[str, str], bytes] = {}
+    plans = []
+    for row in sorted(claimed, key=lambda item: item.id):
+        endpoint = endpoints[row.endpoint_id]
+        event = events[row.event_id]
+        body = bodies.get((event.id, endpoint.api_version))
+        if body is None:
+            body = bodies[(event.id, endpoint.api_version)] = envelope_bytes(
+                event, endpoint.api_version
+            )
+        headers = {
+            "Content-Type": "application/json",
+            **signature_headers(
+                endpoint_key=decrypt_secret(session, endpoint.id, endpoint.secret_ciphertext),
+                msg_id=event.id,
+                timestamp=timestamp,
+                body=body,
+                org_keys=org_keys[row.org_id],
+            ),
+        }
+        plans.append(
+            AttemptPlan(
+                delivery_id=row.id,
+                org_id=row.org_id,
+                endpoint_id=row.endpoint_id,
+                event_id=event.id,
+                event_type=event.type,
+                kind=DeliveryKind(row.kind),
+                attempt=row.attempts,
+                url=endpoint.url,
+                body=body,
+                headers=headers,
+            )
+        )
+    return plans
+
+
+def claim(session: Session, delivery_id: uuid.UUID) -> AttemptPlan | None:
+    """Claim the next attempt of one due delivery (``claim_many`` of one), or None."""
+    plans = claim_many(session, [delivery_id])
+    return plans[0] if plans else None
 
 
 def retry_delay(
@@ -411,61 +492,110 @@ def recorded_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def record(session: Session, plan: AttemptPlan, result: AttemptResult) -> Recorded:
-    """Log the attempt and move the delivery on: succeeded, retry later, or dead."""
-    delivery = session.scalars(
-        select(Delivery).where(Delivery.id == plan.delivery_id).with_for_update()
-    ).one()
+def record_many(
+    session: Session, sent: Sequence[tuple[AttemptPlan, AttemptResult]]
+) -> list[Recorded]:
+    """Log the attempts and move each delivery on: succeeded, retry later, or dead.
+
+    Set-based: one ``UPDATE`` for the successes, one per outcome for the failures (one per
+    delivery for retries, each with its own jittered time), and one multi-row ``INSERT`` of the
+    attempt rows. Only a delivery still pending moves; one abandoned meanwhile keeps its state,
+    and its failed attempt is logged ``dead``. Returned in the order of ``sent``.
+    """
+    if not sent:
+        return []
     settings = settings_of(session)
     now = clock.now()
-    retry_in: float | None = None
-    if result.ok:
-        outcome = Outcome.SUCCESS
-    elif delivery.kind == DeliveryKind.PROBE and delivery.state == DeliveryState.PENDING:
-        outcome = Outcome.RETRY
-    elif delivery.kind == DeliveryKind.EVENT and delivery.state == DeliveryState.PENDING:
-        retry_in = retry_delay(
-            settings.delivery_retry_schedule,
-            plan.attempt,
-            result.retry_after_s,
-            settings.delivery_retry_jitter,
-        )
-        outcome = Outcome.DEAD if retry_in is None else Outcome.RETRY
-    else:
-        outcome = Outcome.DEAD
-    if delivery.state == DeliveryState.PENDING:
-        if retry_in is not None:
-            delivery.next_attempt_at = now + timedelta(seconds=retry_in)
-        elif outcome == Outcome.RETRY:  # a probe: due whenever its operation says
-            delivery.next_attempt_at = None
-        else:
-            delivery.next_attempt_at = None
-            delivery.state = (
-                DeliveryState.SUCCEEDED if outcome == Outcome.SUCCESS else DeliveryState.DEAD
+    outcomes: dict[uuid.UUID, tuple[Outcome, float | None]] = {}
+    succeeded = [plan.delivery_id for plan, result in sent if result.ok]
+    for plan, _ in sent:
+        if plan.delivery_id in succeeded:
+            outcomes[plan.delivery_id] = (Outcome.SUCCESS, None)
+    if succeeded:
+        _move(session, succeeded, now, state=DeliveryState.SUCCEEDED)
+    dead: list[uuid.UUID] = []
+    waiting: list[uuid.UUID] = []  # probes: due whenever their operation says
+    for plan, result in sent:
+        if result.ok:
+            continue
+        retry_in: float | None = None
+        if plan.kind == DeliveryKind.EVENT:
+            retry_in = retry_delay(
+                settings.delivery_retry_schedule,
+                plan.attempt,
+                result.retry_after_s,
+                settings.delivery_retry_jitter,
             )
-        delivery.updated_at = now
-    attempt = DeliveryAttempt(
-        id=new_id(),
-        org_id=plan.org_id,
-        delivery_id=plan.delivery_id,
-        endpoint_id=plan.endpoint_id,
-        event_id=plan.event_id,
-        event_type=plan.event_type,
-        url=plan.url,
-        attempt=plan.attempt,
-        outcome=outcome,
-        response_status=result.status,
-        response_time_ms=result.elapsed_ms,
-        request_body_sha256=hashlib.sha256(plan.body).hexdigest(),
-        request_body_bytes=len(plan.body),
-        response_body_excerpt=result.body_excerpt[:EXCERPT_CHARS],
-        request_headers=recorded_headers(plan.headers),
-        error=result.error[:500] if result.error else None,
-        occurred_at=now,
+        if retry_in is not None:
+            moved = _move(
+                session, [plan.delivery_id], now, next_at=now + timedelta(seconds=retry_in)
+            )
+            outcomes[plan.delivery_id] = (
+                (Outcome.RETRY, retry_in) if moved else (Outcome.DEAD, None)
+            )
+        elif plan.kind == DeliveryKind.PROBE:
+            waiting.append(plan.delivery_id)
+        else:
+            dead.append(plan.delivery_id)
+    if waiting:
+        still = _move(session, waiting, now)
+        for item in waiting:
+            outcomes[item] = (Outcome.RETRY if item in still else Outcome.DEAD, None)
+    if dead:
+        _move(session, dead, now, state=DeliveryState.DEAD)
+        for item in dead:
+            outcomes[item] = (Outcome.DEAD, None)
+    rows = [
+        {
+            "id": new_id(),
+            "org_id": plan.org_id,
+            "delivery_id": plan.delivery_id,
+            "endpoint_id": plan.endpoint_id,
+            "event_id": plan.event_id,
+            "event_type": plan.event_type,
+            "url": plan.url,
+            "attempt": plan.attempt,
+            "outcome": outcomes[plan.delivery_id][0].value,
+            "response_status": result.status,
+            "response_time_ms": result.elapsed_ms,
+            "request_body_sha256": hashlib.sha256(plan.body).hexdigest(),
+            "request_body_bytes": len(plan.body),
+            "response_body_excerpt": result.body_excerpt[:EXCERPT_CHARS],
+            "request_headers": recorded_headers(plan.headers),
+            "error": result.error[:500] if result.error else None,
+            "occurred_at": now,
+        }
+        for plan, result in sent
+    ]
+    session.execute(insert(DeliveryAttempt), rows)
+    return [
+        Recorded(attempt=DeliveryAttempt(**row), retry_in=outcomes[plan.delivery_id][1])
+        for (plan, _), row in zip(sent, rows, strict=True)
+    ]
+
+
+def _move(
+    session: Session,
+    delivery_ids: Sequence[uuid.UUID],
+    now: datetime,
+    *,
+    state: DeliveryState = DeliveryState.PENDING,
+    next_at: datetime | None = None,
+) -> set[uuid.UUID]:
+    """Set the state and next attempt of those deliveries that are still pending; their ids."""
+    moved = session.scalars(
+        update(Delivery)
+        .where(Delivery.id.in_(delivery_ids), Delivery.state == DeliveryState.PENDING)
+        .values(state=state, next_attempt_at=next_at, updated_at=now)
+        .returning(Delivery.id)
+        .execution_options(synchronize_session=False)
     )
-    session.add(attempt)
-    session.flush()
-    return Recorded(attempt=attempt, retry_in=retry_in)
+    return set(moved)
+
+
+def record(session: Session, plan: AttemptPlan, result: AttemptResult) -> Recorded:
+    """Log one attempt (``record_many`` of one)."""
+    return record_many(session, [(plan, result)])[0]
 
 
 def abandon_pending(session: Session, endpoint_id: uuid.UUID) -> None:

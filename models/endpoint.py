@@ -96,7 +96,12 @@ def seal_secret_bytes(session: Session, endpoint: WebhookEndpoint, key: bytes) -
 
 def signing_key(session: Session, endpoint: WebhookEndpoint) -> bytes:
     """The endpoint's HMAC key (the decoded secret bytes), decrypted for signing."""
-    return box_of(session).decrypt(endpoint.secret_ciphertext, context=_secret_context(endpoint.id))
+    return decrypt_secret(session, endpoint.id, endpoint.secret_ciphertext)
+
+
+def decrypt_secret(session: Session, endpoint_id: uuid.UUID, ciphertext: bytes) -> bytes:
+    """``signing_key`` from the columns alone (set-based reads load no endpoint objects)."""
+    return box_of(session).decrypt(ciphertext, context=_secret_context(endpoint_id))
 
 
 # --- validation -------------------------------------------------------------------------------

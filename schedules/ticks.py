@@ -11,11 +11,14 @@ import uuid
 from collections.abc import Callable
 from datetime import timedelta
 
+from sqlalchemy.orm import Session
+
 from models import delivery as deliveries
 from models import heartbeat, org_secret, policy
 from models import operation as operations
 from models.db import get_database
 from workers.app import app
+from workers.deliveries import enqueue as enqueue_deliveries
 from workers.enqueue import send_after_commit
 from workers.names import TaskName
 
@@ -25,27 +28,31 @@ log = logging.getLogger("rotator.schedules")
 def _resend_overdue(
     tick: TaskName,
     overdue: Callable[..., list[uuid.UUID]],
-    send: TaskName,
+    resend: Callable[[Session, list[uuid.UUID]], None],
     what: str,
 ) -> int:
-    """Re-enqueue ``send`` for every row ``overdue`` finds late by ``reconcile_after_seconds``:
-    its message was lost (or its worker died). A duplicate is harmless (invariant 1)."""
+    """Re-enqueue every row ``overdue`` finds late by ``reconcile_after_seconds``: its message
+    was lost (or its worker died). A duplicate is harmless (invariant 1)."""
     db = get_database()
     with db.session() as session:
         due = overdue(session, older_than=timedelta(seconds=db.settings.reconcile_after_seconds))
-        for row_id in due:
-            send_after_commit(session, send, row_id)
+        resend(session, due)
         heartbeat.record(session, tick)
     if due:
         log.info("re-enqueued %d %s", len(due), what)
     return len(due)
 
 
+def _advance_each(session: Session, operation_ids: list[uuid.UUID]) -> None:
+    for operation_id in operation_ids:
+        send_after_commit(session, TaskName.OPERATION_ADVANCE, operation_id)
+
+
 @app.task(name=TaskName.DELIVERY_RECONCILE)
 def reconcile_deliveries() -> int:
-    """Pending deliveries whose next attempt is overdue are sent again."""
+    """Pending deliveries whose next attempt is overdue are sent again, several per message."""
     return _resend_overdue(
-        TaskName.DELIVERY_RECONCILE, deliveries.overdue, TaskName.DELIVERY_SEND, "deliveries"
+        TaskName.DELIVERY_RECONCILE, deliveries.overdue, enqueue_deliveries, "deliveries"
     )
 
 
@@ -56,7 +63,7 @@ def reconcile_operations() -> int:
     return _resend_overdue(
         TaskName.OPERATION_RECONCILE,
         operations.overdue,
-        TaskName.OPERATION_ADVANCE,
+        _advance_each,
         "stalled operations",
     )
 

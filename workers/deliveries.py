@@ -1,10 +1,22 @@
-"""Sending deliveries: claim an attempt, sign and send it with httpx, record the outcome."""
+"""Sending deliveries: claim attempts, sign and send them with httpx, record the outcomes.
+
+One ``delivery.send`` message carries the ids of several deliveries (an event's fan-out, a
+reconciler's batch, or one retry). The task claims the due ones in one transaction, sends them
+concurrently on the process's keep-alive ``Sender`` (no transaction, lock or connection held
+meanwhile), and records them in a second transaction.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import uuid
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
+
+from sqlalchemy.orm import Session
 
 from models import delivery as deliveries
 from models.db import Database, get_database
@@ -20,10 +32,16 @@ log = logging.getLogger("rotator.deliveries")
 # reconciler picks them up when due (DESIGN: countdowns in seconds to minutes only).
 MAX_COUNTDOWN_S = 900.0
 
+# Deliveries per message, and the posts of one message in flight at once. A message's posts all
+# run together, so a message takes about one request's time (at most ~2 timeouts: connect, then
+# read) whatever its size, well inside the task time limit and the claim's lease. Also the
+# Sender's connection cap: a process's concurrent posts never wait for a connection.
+BATCH_SIZE = 20
+
 
 @cache
 def _sender(timeout_s: float, allow_insecure: bool) -> Sender:
-    return Sender(timeout_s=timeout_s, allow_insecure=allow_insecure)
+    return Sender(timeout_s=timeout_s, allow_insecure=allow_insecure, max_connections=BATCH_SIZE)
 
 
 def sender_for(db: Database) -> Sender:
@@ -32,25 +50,68 @@ def sender_for(db: Database) -> Sender:
     return _sender(settings.delivery_timeout_seconds, settings.allow_insecure_urls)
 
 
+_pool_lock = threading.Lock()
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _posting_pool() -> ThreadPoolExecutor:
+    """The process's posting threads, created on first use (after a prefork worker forks)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (
+                os.getpid(),
+                ThreadPoolExecutor(max_workers=BATCH_SIZE, thread_name_prefix="delivery-post"),
+            )
+        return _pool[1]
+
+
+def enqueue(session: Session, delivery_ids: Iterable[uuid.UUID]) -> None:
+    """Send these deliveries once ``session`` commits: one message per ``BATCH_SIZE`` ids."""
+    ids = list(delivery_ids)
+    for start in range(0, len(ids), BATCH_SIZE):
+        send_after_commit(session, TaskName.DELIVERY_SEND, *ids[start : start + BATCH_SIZE])
+
+
+def send(db: Database, delivery_ids: Sequence[uuid.UUID]) -> list[deliveries.DeliveryAttempt]:
+    """Send the next attempt of each due delivery among ``delivery_ids``; the attempts made.
+
+    Deliveries that are not due (a duplicate or early message), finished, or whose endpoint is
+    gone are skipped. Retries due within ``MAX_COUNTDOWN_S`` get their own countdown message.
+    """
+    with db.session() as session:
+        plans = deliveries.claim_many(session, delivery_ids)
+    if not plans:
+        return []
+    sender = sender_for(db)
+    if len(plans) == 1:
+        results = [sender.post(plans[0].url, plans[0].body, plans[0].headers)]
+    else:
+        results = list(
+            _posting_pool().map(lambda plan: sender.post(plan.url, plan.body, plan.headers), plans)
+        )
+    with db.session() as session:
+        recorded = deliveries.record_many(session, list(zip(plans, results, strict=True)))
+        for item in recorded:
+            if item.retry_in is not None and item.retry_in <= MAX_COUNTDOWN_S:
+                send_after_commit(
+                    session,
+                    TaskName.DELIVERY_SEND,
+                    item.attempt.delivery_id,
+                    countdown=item.retry_in,
+                )
+    for item in recorded:
+        _report(db, item.attempt)
+    return [item.attempt for item in recorded]
+
+
 def attempt(db: Database, delivery_id: uuid.UUID) -> deliveries.DeliveryAttempt | None:
     """Send the next attempt of ``delivery_id`` if it is due; None when there was nothing to do.
 
-    The claim and the record are two short transactions; the HTTP request runs between them,
-    holding no lock and no connection.
+    ``send`` for one delivery: the test route and a safe migrate's probe call it directly.
     """
-    with db.session() as session:
-        plan = deliveries.claim(session, delivery_id)
-    if plan is None:
-        return None
-    result = sender_for(db).post(plan.url, plan.body, plan.headers)
-    with db.session() as session:
-        recorded = deliveries.record(session, plan, result)
-        if recorded.retry_in is not None and recorded.retry_in <= MAX_COUNTDOWN_S:
-            send_after_commit(
-                session, TaskName.DELIVERY_SEND, delivery_id, countdown=recorded.retry_in
-            )
-    _report(db, recorded.attempt)
-    return recorded.attempt
+    made = send(db, [delivery_id])
+    return made[0] if made else None
 
 
 def _report(db: Database, row: deliveries.DeliveryAttempt) -> None:
@@ -70,5 +131,6 @@ def _report(db: Database, row: deliveries.DeliveryAttempt) -> None:
 
 
 @app.task(name=TaskName.DELIVERY_SEND)
-def send_delivery(delivery_id: str) -> None:
-    attempt(get_database(), uuid.UUID(delivery_id))
+def send_deliveries(*delivery_ids: str) -> None:
+    """``delivery.send(id, id, …)``: ids only, never anything secret (invariant 1)."""
+    send(get_database(), [uuid.UUID(value) for value in delivery_ids])

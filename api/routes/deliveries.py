@@ -23,8 +23,7 @@ from models import delivery as deliveries
 from models.clock import rfc3339
 from models.errors import ValidationFailed
 from models.org import Scope
-from workers.enqueue import send_after_commit
-from workers.names import TaskName
+from workers.deliveries import enqueue as enqueue_deliveries
 
 router = APIRouter(prefix="/v1/webhooks/deliveries", tags=["deliveries"])
 
@@ -79,7 +78,7 @@ async def get_delivery(delivery_id: uuid.UUID, caller: Reader) -> JSONResponse:
 
 def _replay(session: Session, org_id: uuid.UUID, attempt_id: uuid.UUID) -> dict[str, Any]:
     replayed = deliveries.replay(session, org_id, attempt_id)
-    send_after_commit(session, TaskName.DELIVERY_SEND, replayed.delivery.id)
+    enqueue_deliveries(session, [replayed.delivery.id])
     return {
         "delivery_id": str(replayed.source.id),
         "endpoint_id": str(replayed.source.endpoint_id),

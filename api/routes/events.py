@@ -15,8 +15,7 @@ from api.schemas import EventPublish, PublishedEvent
 from models import delivery as deliveries
 from models.clock import rfc3339
 from models.org import Scope
-from workers.enqueue import send_after_commit
-from workers.names import TaskName
+from workers.deliveries import enqueue as enqueue_deliveries
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 
@@ -27,8 +26,7 @@ def _publish(
     session: Session, org_id: uuid.UUID, event_type: str, data: dict[str, Any]
 ) -> dict[str, Any]:
     event, created = deliveries.publish(session, org_id, event_type, data)
-    for delivery in created:
-        send_after_commit(session, TaskName.DELIVERY_SEND, delivery.id)
+    enqueue_deliveries(session, [delivery.id for delivery in created])
     return {
         "id": event.id,
         "type": event.type,
