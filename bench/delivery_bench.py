@@ -73,8 +73,6 @@ GOAL_RATIO = 0.50
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/rotator_bench_deliveries"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/7"
 EVENT_TYPE = "campaign.approved"
-BATCH_TASK = "bench.delivery.send_batch"  # registered by bench/tuned_worker.py
-BULK_TASK = "bench.delivery.send_bulk"  # likewise
 IDLE_EVENT_TYPE = "brand.vetted"  # only the one idle-probe endpoint subscribes to it
 API_VERSION = "2026-04-01"
 READY_TIMEOUT_S = 60.0
@@ -232,26 +230,15 @@ class Publisher:
         import uuid
 
         from models import delivery as deliveries
-        from workers.enqueue import send_after_commit
-        from workers.names import TaskName
+        from workers.deliveries import enqueue
 
-        with self._db.session() as session:
+        with self._db.session() as session:  # exactly what POST /v1/events does
             event, created = deliveries.publish(
                 session, uuid.UUID(self.setup.org_id), event_type, data
             )
-            if self.mode == "domain":
-                for item in created:
-                    send_after_commit(session, TaskName.DELIVERY_SEND, item.id)
+            enqueue(session, [item.id for item in created])
             event_id = event.id
-            ids = [str(item.id) for item in created]
-        if self.mode in ("domain-batch", "domain-bulk") and ids:
-            # Prototype (bench/tuned_worker.py): one message per event, after the commit.
-            from workers.app import app
-
-            task = BATCH_TASK if self.mode == "domain-batch" else BULK_TASK
-            with app.producer_or_acquire() as producer:
-                app.send_task(task, args=[ids], producer=producer)
-        return event_id, len(ids)
+        return event_id, len(created)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -351,12 +338,9 @@ class WorkerSetting:
 
 
 def worker_command(args: argparse.Namespace, setting: WorkerSetting) -> list[str]:
-    if args.worker_module:
-        base = [sys.executable, "-m", args.worker_module]
-    else:
-        base = [find_bin("rotator"), "worker"]
     return [
-        *base,
+        find_bin("rotator"),
+        "worker",
         "--pool",
         setting.pool,
         "--concurrency",
@@ -714,18 +698,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-bytes", type=int, default=400, help="size of the event's note")
     parser.add_argument(
         "--publish",
-        choices=("api", "domain", "domain-batch", "domain-bulk"),
+        choices=("api", "domain"),
         default="api",
-        help="domain-batch/-bulk: one message per event, for bench.tuned_worker's batch tasks",
+        help="domain: the route's domain calls in this process instead of POST /v1/events",
     )
     parser.add_argument("--idle-probes", type=int, default=10, help="single deliveries, one by one")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per phase at most")
     parser.add_argument("--worker-args", default=RECOMMENDED_WORKER_ARGS)
-    parser.add_argument(
-        "--worker-module",
-        default="",
-        help="run `python -m MODULE` instead of `rotator worker` (bench prototypes)",
-    )
     parser.add_argument("--label", default="", help="free text stored with the JSON result")
     parser.add_argument("--profile", action="store_true", help="py-spy record the worker")
     parser.add_argument("--skip-plain", action="store_true", help="Rotator side only")
@@ -754,8 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"deliveries per phase={args.events * args.endpoints} ({args.events} events x "
         f"{args.endpoints} endpoints), publish={args.publish}, cpus={os.cpu_count()}, "
-        f"worker args: {args.worker_args or '(none)'}"
-        + (f", worker module: {args.worker_module}" if args.worker_module else ""),
+        f"worker args: {args.worker_args or '(none)'}",
         flush=True,
     )
     phases: list[Phase] = []

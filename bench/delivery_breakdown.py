@@ -9,15 +9,17 @@ moves with everyone else's load. This measures what does not: CPU time per deliv
 step, in this process (``time.process_time``) and in our PostgreSQL backends (``/proc``), one
 step at a time, single-threaded, against the same loopback receiver:
 
-* ``claim``, ``Sender.post``, ``record`` exactly as ``workers.deliveries.attempt`` runs them (one
-  transaction each per delivery), then without ``pool_pre_ping``, then 20 per transaction;
+* ``claim``, ``Sender.post``, ``record`` of one delivery per transaction (what
+  ``workers.deliveries.attempt`` does for the test route and a safe migrate's probe), then
+  without ``pool_pre_ping``;
 * ``models.delivery.publish`` (one event, 20 deliveries, one transaction) per delivery, and the
-  set-based claim/record of the prototype in ``bench/tuned_worker.py``;
+  set-based ``claim_many``/``record_many`` of one event's deliveries per transaction, as a
+  ``delivery.send`` message of the fan-out runs them (``workers.deliveries.send``);
 * a plain ``httpx.Client.post`` of the same body and headers (the baseline's cost per request);
 * ``workers.enqueue.publish``: one message per call vs 20 per call, with and without
   ``task_send_sent_event``;
-* Celery's own cost per task: a prefork worker (``bench/tuned_worker.py``) draining no-op tasks,
-  with task events on and off (worker CPU per task, parent and children).
+* Celery's own cost per task: ``rotator worker`` (prefork:2, with ``bench/floor_app.py``'s
+  ``bench.noop``) draining no-op tasks (worker CPU per task, parent and children).
 
 Uses its own organization in the benchmark database and flushes the broker's Redis database
 (default db 7) at start and end. Every process it starts is stopped at the end.
@@ -62,9 +64,7 @@ from bench.delivery_bench import (  # noqa: E402
     event_data,
     prepare_rotator,
 )
-
-NOOP_TASK = "bench.noop"  # bench/tuned_worker.py
-NOOP_COUNTER = "bench:noop:done"
+from bench.floor_app import NOOP_COUNTER, NOOP_TASK  # noqa: E402
 
 
 @dataclass
@@ -122,6 +122,19 @@ def claimed(plan: Any) -> Any:
     if plan is None:
         raise BenchError("a fresh pending delivery was not claimable")
     return plan
+
+
+def per_item(step: Step, items: int) -> Step:
+    """A step measured as one unit, restated per item."""
+    scaled = Step(
+        name=step.name,
+        items=items,
+        own_cpu_ms=round(step.own_cpu_ms / items, 3),
+        pg_cpu_ms=round(step.pg_cpu_ms / items, 3),
+        redis_cpu_ms=round(step.redis_cpu_ms / items, 3),
+        wall_ms=round(step.wall_ms / items, 3),
+    )
+    return scaled
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -191,39 +204,23 @@ def delivery_steps(args: argparse.Namespace, setup: Any, receiver_port: int) -> 
 
     per_delivery(" (no pre-ping)", no_ping_session)
 
-    # 3. Batched: the deliveries of one event claimed in one transaction, recorded in another.
-    ids = pending_deliveries(db, org_id, events, args.data_bytes)
-    n = len(ids)
-    batches = list(chunks(ids, args.endpoints))
-    plans: list[deliveries.AttemptPlan] = []
-    with measure(steps, f"claim, {args.endpoints} per tx (no pre-ping)", n, database):
-        for batch in batches:
-            with no_ping_session() as session:
-                plans.extend(claimed(deliveries.claim(session, item)) for item in batch)
-    results = [sender.post(p.url, p.body, p.headers) for p in plans]
-    with measure(steps, f"record, {args.endpoints} per tx (no pre-ping)", n, database):
-        for batch in chunks(list(zip(plans, results, strict=True)), args.endpoints):
-            with no_ping_session() as session:
-                for plan, result in batch:
-                    deliveries.record(session, plan, result)
-
-    # 4. The prototype's set-based claim and record (bench/tuned_worker.py), 20 per tx.
-    from bench.tuned_worker import _claim_bulk, _record_bulk
-
-    with measure(steps, "publish: models.delivery.publish, 1 event per tx", n, database):
+    # 3. One event's deliveries per transaction, set-based, as workers.deliveries.send does.
+    with measure(steps, "publish: models.delivery.publish, 1 event per tx", 1, database):
         ids = pending_deliveries(db, org_id, events, args.data_bytes)
-    plans = []
-    with measure(steps, f"claim, set-based, {args.endpoints} per tx (prototype)", n, database):
+    steps[-1] = per_item(steps[-1], len(ids))
+    n = len(ids)
+    plans: list[deliveries.AttemptPlan] = []
+    with measure(steps, f"claim_many, {args.endpoints} per tx", n, database):
         for batch in chunks(ids, args.endpoints):
-            with no_ping_session() as session:
-                plans.extend(_claim_bulk(session, batch))
+            with db.session() as session:
+                plans.extend(deliveries.claim_many(session, batch))
     if len(plans) != len(ids):
-        raise BenchError(f"set-based claim took {len(plans)} of {len(ids)} deliveries")
+        raise BenchError(f"claim_many took {len(plans)} of {len(ids)} deliveries")
     results = [sender.post(p.url, p.body, p.headers) for p in plans]
-    with measure(steps, f"record, set-based, {args.endpoints} per tx (prototype)", n, database):
+    with measure(steps, f"record_many, {args.endpoints} per tx", n, database):
         for batch in chunks(list(zip(plans, results, strict=True)), args.endpoints):
-            with no_ping_session() as session:
-                _record_bulk(session, [p for p, _ in batch], [r for _, r in batch])
+            with db.session() as session:
+                deliveries.record_many(session, batch)
 
     # 5. The plain loop's cost per request: same bodies and headers, httpx.Client.post.
     with httpx.Client(timeout=10.0, trust_env=False) as client:
@@ -257,7 +254,7 @@ def publish_steps(args: argparse.Namespace) -> list[Step]:
 
 
 def celery_steps(args: argparse.Namespace, env: dict[str, str], log_dir: Path) -> list[Step]:
-    """Worker CPU per no-op task (parent + children), with and without task events."""
+    """Worker CPU per no-op task (parent + children), task events on as shipped."""
     import redis
 
     from workers.app import app
@@ -267,46 +264,43 @@ def celery_steps(args: argparse.Namespace, env: dict[str, str], log_dir: Path) -
     counter = redis.Redis.from_url(args.broker_url)
     steps: list[Step] = []
     app.conf.task_send_sent_event = False
-    for events in (True, False):
-        flags = [] if events else ["--no-task-events"]
-        worker = Proc(
-            f"noop-worker-{'events' if events else 'noevents'}",
-            [sys.executable, "-m", "bench.tuned_worker", *flags, "--pool", "prefork"]
-            + ["--concurrency", "2", "--loglevel", "WARNING"]
-            + "--without-heartbeat --without-gossip --without-mingle -O fair".split(),
-            env,
-            log_dir,
+    worker = Proc(
+        "noop-worker",
+        [find_bin("rotator"), "worker", "-I", "bench.floor_app", "--pool", "prefork"]
+        + ["--concurrency", "2", "--loglevel", "WARNING"]
+        + "--without-heartbeat --without-gossip --without-mingle -O fair".split(),
+        env,
+        log_dir,
+    )
+    try:
+        worker.start()
+        assert worker.pid is not None
+        counter.delete(NOOP_COUNTER)
+        publish([message(NOOP_TASK)] * 20)  # type: ignore[arg-type]
+        wait_counter(counter, 20, worker)
+        counter.delete(NOOP_COUNTER)
+        n = args.noop_tasks
+        # The worker's process group alone is measured; publishing runs in this process.
+        before = cpu_snapshot({"worker": worker.pid}, database)
+        wall0 = time.perf_counter()
+        for batch in chunks(range(n), 100):
+            publish([message(NOOP_TASK)] * len(batch))  # type: ignore[arg-type]
+        wait_counter(counter, n, worker)
+        wall = time.perf_counter() - wall0
+        after = cpu_snapshot({"worker": worker.pid}, database)
+    finally:
+        worker.stop()
+    steps.append(
+        Step(
+            name="celery prefork:2 no-op task, worker CPU (task events on, as shipped)",
+            items=n,
+            own_cpu_ms=round(1000.0 * (after["worker"] - before["worker"]) / n, 3),
+            pg_cpu_ms=0.0,
+            redis_cpu_ms=0.0,  # shared with this process's publishing: not attributed
+            wall_ms=round(1000.0 * wall / n, 3),
         )
-        try:
-            worker.start()
-            assert worker.pid is not None
-            counter.delete(NOOP_COUNTER)
-            publish([message(NOOP_TASK)] * 20)  # type: ignore[arg-type]
-            wait_counter(counter, 20, worker)
-            counter.delete(NOOP_COUNTER)
-            n = args.noop_tasks
-            # The worker's process group alone is measured; publishing runs in this process.
-            before = cpu_snapshot({"worker": worker.pid}, database)
-            wall0 = time.perf_counter()
-            for batch in chunks(range(n), 100):
-                publish([message(NOOP_TASK)] * len(batch))  # type: ignore[arg-type]
-            wait_counter(counter, n, worker)
-            wall = time.perf_counter() - wall0
-            after = cpu_snapshot({"worker": worker.pid}, database)
-        finally:
-            worker.stop()
-        label = "on" if events else "off"
-        steps.append(
-            Step(
-                name=f"celery prefork:2 no-op task, worker CPU (task events {label})",
-                items=n,
-                own_cpu_ms=round(1000.0 * (after["worker"] - before["worker"]) / n, 3),
-                pg_cpu_ms=0.0,
-                redis_cpu_ms=0.0,  # shared with this process's publishing: not attributed
-                wall_ms=round(1000.0 * wall / n, 3),
-            )
-        )
-        show(steps[-1])
+    )
+    show(steps[-1])
     app.conf.task_send_sent_event = True
     counter.delete(NOOP_COUNTER)
     return steps
@@ -367,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("per-step CPU (this process + our PostgreSQL backends + Redis):", flush=True)
             steps += delivery_steps(args, setup, port)
             steps += publish_steps(args)
-            steps += celery_steps(args, setup.env, log_dir)
+            steps += celery_steps(args, {**setup.env, "PYTHONPATH": str(ROOT)}, log_dir)
         except BenchError as exc:
             print(f"delivery_breakdown: {exc}", file=sys.stderr)
             return 1
