@@ -64,7 +64,11 @@ from bench.delivery_bench import (  # noqa: E402
     event_data,
     prepare_rotator,
 )
-from bench.floor_app import NOOP_COUNTER, NOOP_TASK  # noqa: E402
+
+# bench/floor_app.py (not imported here: importing it builds the Celery app from settings,
+# which this script sets only once it has prepared the database)
+NOOP_TASK = "bench.noop"
+NOOP_COUNTER = "bench:noop:done"
 
 
 @dataclass

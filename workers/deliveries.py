@@ -2,8 +2,9 @@
 
 One ``delivery.send`` message carries the ids of several deliveries (an event's fan-out, a
 reconciler's batch, or one retry). The task claims the due ones in one transaction, sends them
-concurrently on the process's keep-alive ``Sender`` (no transaction, lock or connection held
-meanwhile), and records them in a second transaction.
+all at once on the process's posting threads, each with its own keep-alive ``Sender`` (no
+transaction, lock or database connection held meanwhile), and records them in a second
+transaction.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
+from functools import partial
 
 from sqlalchemy.orm import Session
 
@@ -23,7 +24,7 @@ from models.db import Database, get_database
 from rotator import metrics
 from workers.app import app
 from workers.enqueue import send_after_commit
-from workers.http import Sender
+from workers.http import Sender, SendResult
 from workers.names import TaskName
 
 log = logging.getLogger("rotator.deliveries")
@@ -32,22 +33,37 @@ log = logging.getLogger("rotator.deliveries")
 # reconciler picks them up when due (DESIGN: countdowns in seconds to minutes only).
 MAX_COUNTDOWN_S = 900.0
 
-# Deliveries per message, and the posts of one message in flight at once. A message's posts all
-# run together, so a message takes about one request's time (at most ~2 timeouts: connect, then
-# read) whatever its size, well inside the task time limit and the claim's lease. Also the
-# Sender's connection cap: a process's concurrent posts never wait for a connection.
+# Deliveries per message. A message's posts all run at once (one posting thread each), so a
+# message takes about one request's time (at most ~2 timeouts: connect, then read) whatever
+# its size: well inside the task time limit, and a member's record never waits long enough
+# behind a slow batch-mate for its lease to run out and the reconciler to send it again.
 BATCH_SIZE = 20
+# Posting threads per process, created only as needed: one batch at a time in a prefork child
+# uses BATCH_SIZE of them; a threads-pool worker running several batches at once uses more.
+MAX_POSTING_THREADS = 4 * BATCH_SIZE
+# Keep-alive connections per posting thread (a thread sends one request at a time; the rest
+# are idle connections to other receivers, closed after 5 s or when a new one needs room).
+CONNECTIONS_PER_THREAD = 4
 
-
-@cache
-def _sender(timeout_s: float, allow_insecure: bool) -> Sender:
-    return Sender(timeout_s=timeout_s, allow_insecure=allow_insecure, max_connections=BATCH_SIZE)
+_local = threading.local()
 
 
 def sender_for(db: Database) -> Sender:
-    """One keep-alive client per process and configuration (created after a worker forks)."""
+    """This thread's keep-alive client for the database's settings (made on first use, so
+    after a prefork worker forks). One per thread, not one shared by a process's threads: a
+    shared client serialises them on its pool lock and scans every pooled connection per
+    request, which cost a third more CPU per delivery than this."""
     settings = db.settings
-    return _sender(settings.delivery_timeout_seconds, settings.allow_insecure_urls)
+    key = (settings.delivery_timeout_seconds, settings.allow_insecure_urls)
+    senders: dict[tuple[float, bool], Sender] | None = getattr(_local, "senders", None)
+    if senders is None:
+        senders = _local.senders = {}
+    sender = senders.get(key)
+    if sender is None:
+        sender = senders[key] = Sender(
+            timeout_s=key[0], allow_insecure=key[1], max_connections=CONNECTIONS_PER_THREAD
+        )
+    return sender
 
 
 _pool_lock = threading.Lock()
@@ -61,9 +77,15 @@ def _posting_pool() -> ThreadPoolExecutor:
         if _pool is None or _pool[0] != os.getpid():
             _pool = (
                 os.getpid(),
-                ThreadPoolExecutor(max_workers=BATCH_SIZE, thread_name_prefix="delivery-post"),
+                ThreadPoolExecutor(
+                    max_workers=MAX_POSTING_THREADS, thread_name_prefix="delivery-post"
+                ),
             )
         return _pool[1]
+
+
+def _post(db: Database, plan: deliveries.AttemptPlan) -> SendResult:
+    return sender_for(db).post(plan.url, plan.body, plan.headers)
 
 
 def enqueue(session: Session, delivery_ids: Iterable[uuid.UUID]) -> None:
@@ -83,13 +105,10 @@ def send(db: Database, delivery_ids: Sequence[uuid.UUID]) -> list[deliveries.Del
         plans = deliveries.claim_many(session, delivery_ids)
     if not plans:
         return []
-    sender = sender_for(db)
     if len(plans) == 1:
-        results = [sender.post(plans[0].url, plans[0].body, plans[0].headers)]
+        results = [_post(db, plans[0])]
     else:
-        results = list(
-            _posting_pool().map(lambda plan: sender.post(plan.url, plan.body, plan.headers), plans)
-        )
+        results = list(_posting_pool().map(partial(_post, db), plans))
     with db.session() as session:
         recorded = deliveries.record_many(session, list(zip(plans, results, strict=True)))
         for item in recorded:

@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,7 +36,7 @@ from tests.deliveries.helpers import (
     seconds_between,
 )
 from tests.factories import make_tenant
-from tests.receivers import scripted_receiver
+from tests.receivers import scripted_receiver, serving
 from workers.deliveries import BATCH_SIZE, enqueue, send
 from workers.names import TaskName
 
@@ -154,6 +155,34 @@ def test_concurrent_copies_of_a_batch_send_each_delivery_once(database, insecure
     assert len({request.path for request in received}) == 3
     for item in ids:
         assert len(attempts_of(database, item)) == 1
+
+
+def test_the_posts_of_a_batch_are_in_flight_together(database, insecure):
+    """Each receiver answers only once all three requests have arrived: sent one after the
+    other, the first would give up waiting and answer 500."""
+    tenant = make_tenant(database)
+    together = threading.Barrier(3)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's dispatch name
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            try:
+                together.wait(timeout=10)
+                status = 200
+            except threading.BrokenBarrierError:
+                status = 500
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            return
+
+    with serving(Handler) as port:
+        _, ids = _fan_out(database, tenant.org_id, f"http://127.0.0.1:{port}/hooks", 3)
+        made = send(database, ids)
+    assert [row.response_status for row in made] == [200, 200, 200]
+    assert {row.outcome for row in made} == {Outcome.SUCCESS}
 
 
 def test_a_batch_skips_a_member_already_succeeded(database, insecure):
