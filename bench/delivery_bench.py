@@ -2,15 +2,16 @@
 
 Usage (from the repository root; PostgreSQL and Redis running)::
 
-    .venv/bin/python bench/delivery_bench.py --workers prefork:2,prefork:4,threads:8
+    .venv/bin/python bench/delivery_bench.py --workers prefork:2,prefork:4,threads:4
 
 For each worker setting, in one run:
 
 1. ``rotator`` side: a ``rotator worker`` with that pool and concurrency is started; a warm-up
    round is delivered (forks done, connections and pools open); then ``--events`` events are
    published (through ``rotator api`` with one keep-alive client, or with ``--publish domain``
-   through ``models.delivery.publish`` + ``workers.enqueue`` in this process, one transaction per
-   event as the API does), each fanning out to ``--endpoints`` endpoints on the receiver. The
+   through ``models.delivery.publish`` + ``workers.deliveries.enqueue`` in this process, one
+   transaction per event as the API does), each fanning out to ``--endpoints`` endpoints on the
+   receiver (one ``delivery.send`` message per event carries its delivery ids). The
    clock runs from the first publish until the receiver has counted every delivery.
 2. ``plain`` side: the worker is stopped; the same number of bodies of the same size, with the
    same header set (signed the same way), are POSTed to the same receiver by a thread pool of
@@ -690,7 +691,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument(
         "--workers",
-        default="prefork:4",
+        default="prefork:2",
         help="comma separated worker settings, each prefork:N, threads:N or solo:1",
     )
     parser.add_argument("--endpoints", type=int, default=20, help="endpoints per event (<= 49)")
