@@ -506,11 +506,10 @@ def record_many(
         return []
     settings = settings_of(session)
     now = clock.now()
-    outcomes: dict[uuid.UUID, tuple[Outcome, float | None]] = {}
     succeeded = [plan.delivery_id for plan, result in sent if result.ok]
-    for plan, _ in sent:
-        if plan.delivery_id in succeeded:
-            outcomes[plan.delivery_id] = (Outcome.SUCCESS, None)
+    outcomes: dict[uuid.UUID, tuple[Outcome, float | None]] = dict.fromkeys(
+        succeeded, (Outcome.SUCCESS, None)
+    )
     if succeeded:
         _move(session, succeeded, now, state=DeliveryState.SUCCEEDED)
     dead: list[uuid.UUID] = []
