@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from sqlalchemy import (
     JSON,
@@ -26,6 +26,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     insert,
     or_,
@@ -130,6 +131,12 @@ class DeliveryAttempt(IdMixin, Base):
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+# The tables themselves, for the multi-row INSERTs of the hot paths: Core skips the ORM's
+# bulk-insert bookkeeping, which costs more than the statement on a 20-row batch.
+_DELIVERIES = cast(Table, Delivery.__table__)
+_ATTEMPTS = cast(Table, DeliveryAttempt.__table__)
+
+
 @dataclass(frozen=True)
 class AttemptPlan:
     """Everything one attempt sends, prepared inside the claiming transaction."""
@@ -185,28 +192,59 @@ def check_event_type(event_type: Any, *, subscribable_only: bool) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class NewDelivery:
+    """A delivery ``publish`` recorded: pending, its first attempt due at once."""
+
+    id: uuid.UUID
+    endpoint_id: uuid.UUID
+
+
 def publish(
     session: Session, org_id: uuid.UUID, event_type: str, data: Mapping[str, Any]
-) -> tuple[Event, list[Delivery]]:
-    """Record an event and one pending delivery per active endpoint subscribed to its type."""
+) -> tuple[Event, list[NewDelivery]]:
+    """Record an event and one pending delivery per active endpoint subscribed to its type.
+
+    The hot path of ``POST /v1/events``: the endpoints are read as two columns and the
+    deliveries written in one multi-row ``INSERT`` (no ORM objects per endpoint or delivery).
+    """
     problem = check_event_type(event_type, subscribable_only=True)
     if problem:
         raise ValidationFailed({"type": problem})
     event = _new_event(session, org_id, event_type, data)
-    endpoints = session.scalars(
-        select(WebhookEndpoint).where(
+    subscribed = session.execute(
+        select(WebhookEndpoint.id, WebhookEndpoint.events).where(
             WebhookEndpoint.org_id == org_id,
             WebhookEndpoint.deleted_at.is_(None),
             WebhookEndpoint.active.is_(True),
         )
     ).all()
-    deliveries = [
-        _new_delivery(session, event, endpoint.id, DeliveryKind.EVENT)
-        for endpoint in endpoints
-        if event_type in endpoint.events
+    created = [
+        NewDelivery(id=new_id(), endpoint_id=row.id)
+        for row in subscribed
+        if event_type in row.events
     ]
-    session.flush()
-    return event, deliveries
+    if created:
+        now = clock.now()
+        session.execute(
+            insert(_DELIVERIES),
+            [
+                {
+                    "id": item.id,
+                    "org_id": org_id,
+                    "event_id": event.id,
+                    "endpoint_id": item.endpoint_id,
+                    "kind": DeliveryKind.EVENT.value,
+                    "state": DeliveryState.PENDING.value,
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for item in created
+            ],
+        )
+    return event, created
 
 
 def _new_event(
@@ -566,7 +604,7 @@ def record_many(
         }
         for plan, result in sent
     ]
-    session.execute(insert(DeliveryAttempt), rows)
+    session.execute(insert(_ATTEMPTS), rows)
     return [
         Recorded(attempt=DeliveryAttempt(**row), retry_in=outcomes[plan.delivery_id][1])
         for (plan, _), row in zip(sent, rows, strict=True)
