@@ -424,7 +424,7 @@ PROFILE_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("  pool ping (idle connections)", ("_do_ping_w_event", "do_ping (sqlalchemy")),
     ("  publish after commit (kombu)", ("publish (workers/enqueue.py",)),
     ("  logging", ("handle (logging/__init__.py",)),
-    ("  _report (log lines, metrics)", ("_report (workers/",)),
+    ("  log lines, metrics", ("_report (workers/", "report_attempt (workers/")),
     ("  metrics", ("observe_step (rotator/metrics.py", "observe_delivery (rotator/metrics.py")),
     ("psycopg (all: network waits when --idle)", ("(psycopg/",)),
     ("kombu publish (all)", ("publish (kombu/messaging.py",)),

@@ -120,7 +120,7 @@ def send(db: Database, delivery_ids: Sequence[uuid.UUID]) -> list[deliveries.Del
                     countdown=item.retry_in,
                 )
     for item in recorded:
-        _report(db, item.attempt)
+        report_attempt(db, item.attempt)
     return [item.attempt for item in recorded]
 
 
@@ -133,7 +133,7 @@ def attempt(db: Database, delivery_id: uuid.UUID) -> deliveries.DeliveryAttempt 
     return made[0] if made else None
 
 
-def _report(db: Database, row: deliveries.DeliveryAttempt) -> None:
+def report_attempt(db: Database, row: deliveries.DeliveryAttempt) -> None:
     """One log line and one latency observation per attempt: ids and numbers, never the URL,
     headers or body (a URL may carry a credential)."""
     metrics.observe_delivery(db.settings, row.outcome, row.response_time_ms / 1000)

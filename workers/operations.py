@@ -11,8 +11,7 @@ from models import operation as operations
 from models.db import Database, get_database
 from rotator import logs, metrics
 from workers.app import app
-from workers.deliveries import _report as report_attempt
-from workers.deliveries import attempt, sender_for
+from workers.deliveries import attempt, report_attempt, sender_for
 from workers.enqueue import send_after_commit
 from workers.names import TaskName
 
