@@ -54,8 +54,11 @@ def create_app() -> FastAPI:
     )
     errors.install(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
-    # Routes are matched in order, so the busiest come first. The deliveries router precedes the
-    # endpoints router: /v1/webhooks/deliveries must not match /v1/webhooks/{id}.
+    # Routes are matched in order, so the busiest come first: FastAPI's own (/openapi.json,
+    # /docs, /redoc) go last. The deliveries router precedes the endpoints router:
+    # /v1/webhooks/deliveries must not match /v1/webhooks/{id}.
+    framework = list(app.router.routes)
+    app.router.routes.clear()
     for router in (
         deliveries.router,
         endpoints.router,
@@ -68,4 +71,5 @@ def create_app() -> FastAPI:
         ops_page.router,
     ):
         _add_routes(app, router)
+    app.router.routes.extend(framework)
     return app

@@ -13,6 +13,7 @@ writes, and by reads once that time has passed.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -67,19 +68,33 @@ def _principals(ttl_seconds: float) -> PrincipalCache:
     return PrincipalCache(ttl_seconds)
 
 
+async def authorize(request: Request, scope: Scope) -> Caller:
+    """The caller, authenticated and holding ``scope``; else 401, then 403."""
+    token = _bearer(request)
+    db = get_database()
+    principal = await authenticate(db.reads, token, _principals(db.settings.auth_cache_seconds))
+    org_id = str(principal.org_id)
+    request.state.org_id = org_id  # for the middleware's request log line
+    logs.set_context(org_id=org_id)  # for every other line of this request
+    if scope not in principal.scopes:
+        raise Forbidden()
+    return Caller(principal=principal, db=db)
+
+
+def parse_id(value: str, field: str) -> uuid.UUID:
+    """A path id taken as a string (so that it is checked after ``authorize``), as a UUID."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ValidationFailed({field: "must be a UUID"}) from None
+
+
 @cache
 def require(scope: Scope) -> Callable[..., Any]:
     """A dependency: the caller, authenticated and holding ``scope`` (memoised per scope)."""
 
     async def dependency(request: Request) -> Caller:
-        token = _bearer(request)
-        db = get_database()
-        principal = await authenticate(db.reads, token, _principals(db.settings.auth_cache_seconds))
-        request.state.org_id = str(principal.org_id)  # for the middleware's request log line
-        logs.set_context(org_id=principal.org_id)  # for every other line of this request
-        if scope not in principal.scopes:
-            raise Forbidden()
-        return Caller(principal=principal, db=db)
+        return await authorize(request, scope)
 
     dependency.__name__ = f"require_{scope.value.replace(':', '_')}"
     return dependency
@@ -120,4 +135,4 @@ def body_doc(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]
     }
 
 
-__all__ = ["Caller", "Session", "body_doc", "read_json", "require"]
+__all__ = ["Caller", "Session", "authorize", "body_doc", "parse_id", "read_json", "require"]

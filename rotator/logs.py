@@ -41,6 +41,16 @@ _SECRET_LOOKING = re.compile(
     r"secret|password|passwd|token|authorization|api_?key|header|body", re.I
 )
 REDACTED = "[redacted]"
+_looked_at: dict[str, bool] = {}
+
+
+def _secret_looking(name: str) -> bool:
+    verdict = _looked_at.get(name)
+    if verdict is None:
+        verdict = _looked_at[name] = bool(_SECRET_LOOKING.search(name))
+        if len(_looked_at) > 4096:  # field names are code, not data; bounded all the same
+            _looked_at.clear()
+    return verdict
 
 
 def current() -> dict[str, str]:
@@ -99,10 +109,11 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, name, None)
             if value is not None:
                 entry[name] = str(value)
-        for name, value in record.__dict__.items():
-            if name in _RECORD_ATTRS or name in entry or name.startswith("_"):
+        fields = record.__dict__
+        for name in sorted(fields.keys() - _RECORD_ATTRS):
+            if name in entry or name.startswith("_"):
                 continue
-            entry[name] = REDACTED if _SECRET_LOOKING.search(name) else value
+            entry[name] = REDACTED if _secret_looking(name) else fields[name]
         if record.exc_info:
             entry["exc"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
         elif record.exc_text:
@@ -144,6 +155,12 @@ def logging_config(settings: Settings) -> dict[str, Any]:
 
 def configure_logging(settings: Settings) -> None:
     """JSON lines on stderr for this process, at ``ROTATOR_LOG_LEVEL``. Idempotent."""
+    # The lines never show the caller's file and line, thread or process: spare every record
+    # those lookups (the logging HOWTO's "Optimization").
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.config.dictConfig(logging_config(settings))
 
 

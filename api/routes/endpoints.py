@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import Caller, body_doc, read_json, require
+from api.deps import Caller, authorize, body_doc, parse_id, read_json, require
 from api.errors import responses
 from api.schemas import (
     Endpoint,
@@ -32,6 +32,21 @@ router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 Reader = Annotated[Caller, Depends(require(Scope.WEBHOOKS_READ))]
 Writer = Annotated[Caller, Depends(require(Scope.WEBHOOKS_WRITE))]
 EndpointId = Annotated[uuid.UUID, "endpoint id (UUID)"]
+
+
+# First: the busiest route, as routes are matched in order. It authorizes by a plain call
+# rather than a dependency and takes its id as a string parsed afterwards (401 still comes
+# before 422): FastAPI's dependency solving costs this read more than the read itself.
+@router.get("/{endpoint_id}", response_model=Endpoint, responses=responses(401, 403, 404, 422))
+async def get_endpoint(
+    request: Request, endpoint_id: Annotated[str, Path(json_schema_extra={"format": "uuid"})]
+) -> JSONResponse:
+    """One endpoint. The secret is never shown here."""
+    caller = await authorize(request, Scope.WEBHOOKS_READ)
+    endpoint = await endpoints.read_endpoint(
+        caller.reads, caller.principal.org_id, parse_id(endpoint_id, "endpoint_id")
+    )
+    return JSONResponse(endpoint_json(endpoint))
 
 
 @router.post(
@@ -67,13 +82,6 @@ async def list_endpoints(
             [endpoint_json(item) for item in page.items], limit=limit, next_cursor=page.next_cursor
         )
     )
-
-
-@router.get("/{endpoint_id}", response_model=Endpoint, responses=responses(401, 403, 404, 422))
-async def get_endpoint(endpoint_id: uuid.UUID, caller: Reader) -> JSONResponse:
-    """One endpoint. The secret is never shown here."""
-    endpoint = await endpoints.read_endpoint(caller.reads, caller.principal.org_id, endpoint_id)
-    return JSONResponse(endpoint_json(endpoint))
 
 
 @router.patch(
