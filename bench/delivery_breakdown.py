@@ -10,8 +10,7 @@ step, in this process (``time.process_time``) and in our PostgreSQL backends (``
 step at a time, single-threaded, against the same loopback receiver:
 
 * ``claim``, ``Sender.post``, ``record`` of one delivery per transaction (what
-  ``workers.deliveries.attempt`` does for the test route and a safe migrate's probe), then
-  without ``pool_pre_ping``;
+  ``workers.deliveries.attempt`` does for the test route and a safe migrate's probe);
 * ``models.delivery.publish`` (one event, 20 deliveries, one transaction) per delivery, and the
   set-based ``claim_many``/``record_many`` of one event's deliveries per transaction, as a
   ``delivery.send`` message of the fan-out runs them (``workers.deliveries.send``);
@@ -148,8 +147,6 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 def delivery_steps(args: argparse.Namespace, setup: Any, receiver_port: int) -> list[Step]:
     import httpx
-    from sqlalchemy import create_engine
-    from sqlalchemy.orm import sessionmaker
 
     from models import delivery as deliveries
     from models.db import get_database
@@ -189,26 +186,7 @@ def delivery_steps(args: argparse.Namespace, setup: Any, receiver_port: int) -> 
     # 1. As workers.deliveries.attempt does it.
     per_delivery("", db.session)
 
-    # 2. The same without pool_pre_ping (a second engine; same sessions, same box/settings).
-    url = "postgresql+psycopg://" + args.database_url.split("://", 1)[1]
-    engine = create_engine(url, pool_size=2, pool_pre_ping=False)
-    factory = sessionmaker(engine, expire_on_commit=False, info=dict(db._sessions.kw["info"]))
-
-    @contextlib.contextmanager
-    def no_ping_session() -> Iterator[Any]:
-        session = factory()
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
-
-    per_delivery(" (no pre-ping)", no_ping_session)
-
-    # 3. One event's deliveries per transaction, set-based, as workers.deliveries.send does.
+    # 2. One event's deliveries per transaction, set-based, as workers.deliveries.send does.
     with measure(steps, "publish: models.delivery.publish, 1 event per tx", 1, database):
         ids = pending_deliveries(db, org_id, events, args.data_bytes)
     steps[-1] = per_item(steps[-1], len(ids))
@@ -226,13 +204,12 @@ def delivery_steps(args: argparse.Namespace, setup: Any, receiver_port: int) -> 
             with db.session() as session:
                 deliveries.record_many(session, batch)
 
-    # 5. The plain loop's cost per request: same bodies and headers, httpx.Client.post.
+    # 3. The plain loop's cost per request: same bodies and headers, httpx.Client.post.
     with httpx.Client(timeout=10.0, trust_env=False) as client:
         client.get(f"http://{HOST}:{receiver_port}/healthz")
         with measure(steps, "plain httpx.Client.post (baseline)", n, database):
             for plan in plans:
                 client.post(plan.url, content=plan.body, headers=plan.headers).read()
-    engine.dispose()
     return steps
 
 

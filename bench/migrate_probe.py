@@ -4,7 +4,8 @@ Loaded into the worker with ``-I bench.migrate_probe`` (the benchmark does it). 
 behaviour; it only watches, in every worker process:
 
 * SQL statements (by first keyword), their summed execution time, transactions committed and
-  rolled back, pool checkouts (each one a ``pool_pre_ping`` round trip), through SQLAlchemy's
+  rolled back, pool checkouts (a ping only for a connection idle longer than
+  ``ROTATOR_DB_PING_AFTER_IDLE_SECONDS``), through SQLAlchemy's
   engine and pool events;
 * task messages published after commit (``workers.enqueue.publish``, wrapped) and the time spent
   publishing them;
@@ -81,7 +82,7 @@ def _rollback(conn: Any) -> None:
 
 @event.listens_for(Pool, "checkout")
 def _checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-    _count("checkout")  # pool_pre_ping: one SELECT 1 round trip per checkout
+    _count("checkout")
 
 
 _publish = enqueue.publish

@@ -6,7 +6,7 @@ Usage (from the repository root; PostgreSQL as for bench/api_bench.py)::
 
 Drives the ASGI apps directly (no uvicorn, no sockets, one request at a time) and reports, per
 request: wall time, process CPU time (all threads) and database work (statements, pool
-checkouts = pre-ping round trips, transactions) for
+checkouts, transactions) for
 
 * ``bare``        bench/bare_app.py GET /bare
 * ``healthz``     Rotator GET /healthz (middleware + routing, no database)
@@ -115,15 +115,12 @@ class DbCounters:
         from sqlalchemy import event
 
         self.counts: Counter[str] = Counter()
-        pre_ping = bool(getattr(engine.pool, "_pre_ping", False))
 
         def on_execute(*_: Any) -> None:
             self.counts["statements"] += 1
 
         def on_checkout(*_: Any) -> None:
             self.counts["checkouts"] += 1
-            if pre_ping:
-                self.counts["pings"] += 1
 
         def on_connect(*_: Any) -> None:
             self.counts["new_connections"] += 1
@@ -139,10 +136,7 @@ class DbCounters:
     def per_request(self, requests: int) -> dict[str, float]:
         counts = dict(self.counts)
         # psycopg sends BEGIN and COMMIT as commands of their own: one round trip each.
-        trips = (
-            counts.get("statements", 0) + counts.get("pings", 0) + 2 * counts.get("transactions", 0)
-        )
-        counts["round_trips"] = trips
+        counts["round_trips"] = counts.get("statements", 0) + 2 * counts.get("transactions", 0)
         return {name: value / requests for name, value in sorted(counts.items())}
 
 

@@ -57,9 +57,10 @@ from sqlalchemy import text  # noqa: E402
 
 from models import Base, clock  # noqa: E402
 from models.db import Database, get_database, set_database  # noqa: E402
-from receiver import DemoReceiver, serve  # noqa: E402
+from receiver import DemoReceiver  # noqa: E402
 from rotator.settings import Settings, get_settings  # noqa: E402
-from tests.processes import BIN, rotator_env, start, stop  # noqa: E402
+from tests.processes import rotator_env, start_beat, start_worker, stop  # noqa: E402
+from tests.receivers import loopback_demo_receiver  # noqa: E402
 
 
 def _require_services() -> None:
@@ -240,31 +241,8 @@ def workers(e2e_settings: Settings, tmp_path_factory: pytest.TempPathFactory) ->
     logs = tmp_path_factory.mktemp("workers")
     env = {**rotator_env(), **settings_env(e2e_settings)}
     worker_log, beat_log = logs / "worker.log", logs / "beat.log"
-    worker = start(
-        [
-            str(BIN / "rotator"),
-            "worker",
-            "--loglevel=INFO",
-            "--concurrency=2",
-            "--without-mingle",
-            "--without-gossip",
-            f"--hostname=e2e-{os.getpid()}@%h",
-        ],
-        env,
-        worker_log,
-        cwd=logs,
-    )
-    beat = start(
-        [
-            str(BIN / "rotator"),
-            "beat",
-            "--loglevel=INFO",
-            f"--schedule={logs / 'celerybeat-schedule'}",
-        ],
-        env,
-        beat_log,
-        cwd=logs,
-    )
+    worker = start_worker(env, worker_log, hostname=f"e2e-{os.getpid()}@%h")
+    beat = start_beat(env, beat_log)
     handle.procs += [worker, beat]
     handle.logs += [worker_log, beat_log]
     try:
@@ -292,11 +270,5 @@ def _wait_for_log(
 def demo_receiver() -> Iterator[DemoReceiver]:
     """The demo receiver on a free loopback port (``.url``), knowing a placeholder secret until
     a test installs real ones."""
-    receiver = DemoReceiver(["A" * 43 + "="])
-    server = serve(receiver, "127.0.0.1", 0)
-    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"  # type: ignore[attr-defined]
-    try:
+    with loopback_demo_receiver() as receiver:
         yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -44,6 +44,21 @@ def start(
     )
 
 
+def start_worker(env: Mapping[str, str], log: Path, hostname: str) -> subprocess.Popen[bytes]:
+    """``rotator worker`` as the end-to-end tests run it (two processes, no mingle or gossip),
+    logging to ``log`` and working in its folder."""
+    command = [str(BIN / "rotator"), "worker", "--loglevel=INFO", "--concurrency=2"]
+    command += ["--without-mingle", "--without-gossip", f"--hostname={hostname}"]
+    return start(command, env, log, cwd=log.parent)
+
+
+def start_beat(env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``rotator beat``, logging to ``log``, its schedule file next to it."""
+    schedule = log.parent / "celerybeat-schedule"
+    command = [str(BIN / "rotator"), "beat", "--loglevel=INFO", f"--schedule={schedule}"]
+    return start(command, env, log, cwd=log.parent)
+
+
 def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

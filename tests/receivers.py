@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from receiver import DemoReceiver, serve
+
 
 @dataclass
 class Received:
@@ -85,6 +87,20 @@ def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
     thread.start()
     try:
         yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
+def loopback_demo_receiver(**options: Any) -> Iterator[DemoReceiver]:
+    """The demo receiver on a free loopback port (``.url``), knowing only a placeholder secret
+    until a test installs real ones; ``options`` go to ``DemoReceiver``."""
+    receiver = DemoReceiver(["A" * 43 + "="], **options)
+    server = serve(receiver, "127.0.0.1", 0)
+    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"  # type: ignore[attr-defined]
+    try:
+        yield receiver
     finally:
         server.shutdown()
         server.server_close()

@@ -39,7 +39,7 @@ from models.org import create_org
 from receiver import DemoReceiver, serve
 from rotator.settings import Settings
 from tests.conftest import BACKEND, overridden, settings_env
-from tests.processes import BIN, free_port, rotator_env, start, stop
+from tests.processes import free_port, rotator_env, start, start_beat, start_worker, stop
 from workers.app import celery_config
 from workers.names import TaskName
 
@@ -155,19 +155,10 @@ class Stack:
     def start_worker(self, overrides: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = self.logs / f"worker-{len(self.worker_logs)}.log"
         self.worker_logs.append(log)
-        self.worker = start(
-            [
-                str(BIN / "rotator"),
-                "worker",
-                "--loglevel=INFO",
-                "--concurrency=2",
-                "--without-mingle",
-                "--without-gossip",
-                f"--hostname=faults-{os.getpid()}-{len(self.worker_logs)}@%h",
-            ],
+        self.worker = start_worker(
             {**self.env, **(overrides or {})},
             log,
-            cwd=self.logs,
+            hostname=f"faults-{os.getpid()}-{len(self.worker_logs)}@%h",
         )
         self.overrides = overrides
         worker = self.worker
@@ -205,18 +196,7 @@ def beat_stack(
     """Beat for the whole module (it is never the process under test); workers per test."""
     logs = tmp_path_factory.mktemp("faults")
     env = {**rotator_env(), **settings_env(fault_settings)}
-    beat_log = logs / "beat.log"
-    beat = start(
-        [
-            str(BIN / "rotator"),
-            "beat",
-            "--loglevel=INFO",
-            f"--schedule={logs / 'celerybeat-schedule'}",
-        ],
-        env,
-        beat_log,
-        cwd=logs,
-    )
+    beat = start_beat(env, logs / "beat.log")
     try:
         yield Stack(env=env, logs=logs)
     finally:

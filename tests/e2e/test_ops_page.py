@@ -31,7 +31,7 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from receiver import DemoReceiver, serve
+from receiver import DemoReceiver
 from tests.factories import make_tenant
 
 E2E_OVERRIDES = {"migrate_backoff_initial_seconds": 0.2, "migrate_backoff_max_seconds": 0.5}
@@ -154,19 +154,6 @@ def live_api(workers) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
-
-
-@pytest.fixture
-def demo_receiver() -> Iterator[DemoReceiver]:
-    """The demo receiver, knowing a placeholder secret until the test installs real ones."""
-    receiver = DemoReceiver(["A" * 43 + "="])
-    server = serve(receiver, "127.0.0.1", 0)
-    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"  # type: ignore[attr-defined]
-    try:
-        yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _chromium() -> str:

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,10 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from models.org_secret import OrgSecret
-from receiver import DemoReceiver, serve
 from rotator.logs import ContextFilter, JsonFormatter
 from tests.conftest import BACKEND
 from tests.factories import Tenant, make_tenant
+from tests.receivers import loopback_demo_receiver
 
 pytestmark = pytest.mark.e2e
 
@@ -104,18 +103,6 @@ class Scenario:
     records: list[logging.LogRecord] = field(default_factory=list)
 
 
-@contextmanager
-def demo_receiver():
-    receiver = DemoReceiver(["A" * 43 + "="])
-    server = serve(receiver, "127.0.0.1", 0)
-    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"  # type: ignore[attr-defined]
-    try:
-        yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 class Capture(logging.Handler):
     """Every record emitted in this process (caplog's way), with the context fields added as
     the real handler adds them. Module-scoped, so that both tests share one scenario run."""
@@ -136,7 +123,10 @@ def scenario(app, database, workers) -> Scenario:
     root.addHandler(capture)
     root.setLevel(logging.DEBUG)
     try:
-        with TestClient(app, raise_server_exceptions=False) as client, demo_receiver() as hooks:
+        with (
+            TestClient(app, raise_server_exceptions=False) as client,
+            loopback_demo_receiver() as hooks,
+        ):
             result = run_scenario(client, database, hooks)
     finally:
         root.removeHandler(capture)

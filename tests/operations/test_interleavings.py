@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from http.server import ThreadingHTTPServer
 
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
@@ -33,8 +32,9 @@ from models.endpoint import WebhookEndpoint, create_endpoint
 from models.errors import Conflict
 from models.operation import TERMINAL_STATES, Operation, OperationState, Step, StepState
 from models.org import create_org
-from receiver import DemoReceiver, serve
+from receiver import DemoReceiver
 from tests.conftest import overridden
+from tests.receivers import loopback_demo_receiver
 from workers.deliveries import attempt, sender_for
 from workers.operations import advance
 
@@ -61,14 +61,8 @@ ACTIONS: st.SearchStrategy[Action] = st.one_of(
 
 @pytest.fixture(scope="module")
 def demo_receiver() -> Iterator[DemoReceiver]:
-    receiver = DemoReceiver(["A" * 43 + "="], tolerance_s=TOLERANCE_S, out=io.StringIO())
-    server: ThreadingHTTPServer = serve(receiver, "127.0.0.1", 0)
-    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"  # type: ignore[attr-defined]
-    try:
+    with loopback_demo_receiver(tolerance_s=TOLERANCE_S, out=io.StringIO()) as receiver:
         yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
