@@ -5,6 +5,7 @@ Importing this package registers every table on ``Base.metadata`` (Alembic and
 """
 
 from models.base import Base
+from models.circuit import EndpointCircuit
 from models.delivery import Delivery, DeliveryAttempt, Event
 from models.endpoint import WebhookEndpoint
 from models.heartbeat import Heartbeat
@@ -18,6 +19,7 @@ __all__ = [
     "ApiKey",
     "Base",
     "Delivery",
+    "EndpointCircuit",
     "DeliveryAttempt",
     "Event",
     "Heartbeat",

@@ -28,15 +28,19 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    case,
+    func,
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
-from models import clock, org_secret
+from models import circuit, clock, org_secret
 from models.base import Base, IdMixin, UTCDateTime
+from models.circuit import EndpointCircuit
 from models.db import settings_of
 from models.endpoint import WebhookEndpoint, decrypt_secret, get_endpoint
 from models.errors import NotFound, RateLimited, ValidationFailed
@@ -87,6 +91,8 @@ class Delivery(IdMixin, Base):
     __table_args__ = (
         Index("ix_deliveries_state_next_attempt", "state", "next_attempt_at"),
         Index("ix_deliveries_endpoint_state", "endpoint_id", "state"),
+        # Only deliveries being sent have a lease: counting what is in flight reads few rows.
+        Index("ix_deliveries_leased_until", "leased_until"),
     )
 
     org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
@@ -99,6 +105,9 @@ class Delivery(IdMixin, Base):
     state: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set while an attempt is in flight (claimed, not yet recorded): the end of its lease.
+    # Still set once the lease is over means the attempt's outcome was lost with its worker.
+    leased_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
@@ -348,7 +357,12 @@ def close_probe(session: Session, delivery_id: uuid.UUID) -> None:
     session.execute(
         update(Delivery)
         .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING)
-        .values(state=DeliveryState.DEAD, next_attempt_at=None, updated_at=clock.now())
+        .values(
+            state=DeliveryState.DEAD,
+            next_attempt_at=None,
+            leased_until=None,
+            updated_at=clock.now(),
+        )
     )
 
 
@@ -372,7 +386,10 @@ def envelope_bytes(event: Event, api_version: str) -> bytes:
 
 
 def _lease(session: Session, now: datetime) -> datetime:
-    return now + timedelta(seconds=settings_of(session).delivery_timeout_seconds)
+    """How long a claimed attempt is left alone: its whole request (a total deadline, see
+    workers/http.py) and its record, with room to spare. Past it, the attempt counts as lost
+    and the delivery is due again."""
+    return now + timedelta(seconds=2 * settings_of(session).delivery_timeout_seconds + 5)
 
 
 def _endpoint_takes() -> Any:
@@ -403,6 +420,19 @@ def claim_many(session: Session, delivery_ids: Iterable[uuid.UUID]) -> list[Atte
     if not ids:
         return []
     now = clock.now()
+    lease = _lease(session, now)
+    # Claimed before and never recorded, lease over: that attempt's outcome went down with
+    # its worker. It is logged as lost when the delivery is claimed again.
+    lost = set(
+        session.scalars(
+            select(Delivery.id).where(
+                Delivery.id.in_(ids),
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.leased_until.is_not(None),
+                Delivery.leased_until <= now,
+            )
+        )
+    )
     claimed = session.execute(
         update(Delivery)
         .where(
@@ -415,7 +445,10 @@ def claim_many(session: Session, delivery_ids: Iterable[uuid.UUID]) -> list[Atte
             _endpoint_takes(),
         )
         .values(
-            attempts=Delivery.attempts + 1, next_attempt_at=_lease(session, now), updated_at=now
+            attempts=Delivery.attempts + 1,
+            next_attempt_at=lease,
+            leased_until=lease,
+            updated_at=now,
         )
         .returning(
             Delivery.id,
@@ -435,7 +468,12 @@ def claim_many(session: Session, delivery_ids: Iterable[uuid.UUID]) -> list[Atte
                 Delivery.state == DeliveryState.PENDING,
                 ~_endpoint_takes(),
             )
-            .values(state=DeliveryState.ABANDONED, next_attempt_at=None, updated_at=now)
+            .values(
+                state=DeliveryState.ABANDONED,
+                next_attempt_at=None,
+                leased_until=None,
+                updated_at=now,
+            )
             .execution_options(synchronize_session=False)
         )
     if not claimed:
@@ -493,7 +531,140 @@ def claim_many(session: Session, delivery_ids: Iterable[uuid.UUID]) -> list[Atte
                 headers=headers,
             )
         )
+    lost_plans = [plan for plan in plans if plan.delivery_id in lost]
+    if lost_plans:
+        session.execute(
+            insert(_ATTEMPTS),
+            [
+                _attempt_row(
+                    plan,
+                    attempt=plan.attempt - 1,
+                    outcome=Outcome.RETRY,
+                    status=None,
+                    elapsed_ms=0,
+                    excerpt="",
+                    error=LOST_ATTEMPT,
+                    headers={},
+                    now=now,
+                )
+                for plan in lost_plans
+            ],
+        )
     return plans
+
+
+LOST_ATTEMPT = "attempt lost: its worker stopped before recording an outcome"
+
+
+def claim_due(session: Session, limit: int) -> list[AttemptPlan]:
+    """Claim up to ``limit`` due event deliveries, fairly: the data plane's one way to take work.
+
+    Fair means a backlog never queues anyone else behind it. Candidates are ranked first by
+    how many requests their organization already has in flight (counting the ones taken in
+    this claim), then the same within the organization by endpoint, then by due time: the
+    first delivery of an organization with nothing in flight comes before the hundredth of one
+    with a backlog. An endpoint never has more than ``endpoint_max_in_flight`` attempts in
+    flight, an organization never more than ``org_max_in_flight``, across every worker. An
+    endpoint whose circuit is open is skipped (its deliveries keep their retries); a half-open
+    one gets one attempt at a time (models/circuit.py).
+
+    On PostgreSQL the claim holds a transaction-level advisory lock, so two workers' claims
+    never both count the same free capacity; SQLite writes one transaction at a time anyway.
+    """
+    if limit < 1:
+        return []
+    settings = settings_of(session)
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CLAIM_LOCK})
+    now = clock.now()
+    in_flight = (Delivery.state == DeliveryState.PENDING, Delivery.leased_until > now)
+    endpoint_busy = (
+        select(Delivery.endpoint_id, func.count().label("n"))
+        .where(*in_flight)
+        .group_by(Delivery.endpoint_id)
+        .subquery()
+    )
+    org_busy = (
+        select(Delivery.org_id, func.count().label("n"))
+        .where(*in_flight)
+        .group_by(Delivery.org_id)
+        .subquery()
+    )
+    endpoint_cap = case(
+        (EndpointCircuit.open_until.is_not(None), 1), else_=settings.endpoint_max_in_flight
+    )
+    due = (
+        select(
+            Delivery.id,
+            Delivery.org_id,
+            Delivery.next_attempt_at,
+            (
+                func.row_number().over(
+                    partition_by=Delivery.endpoint_id,
+                    order_by=(Delivery.next_attempt_at, Delivery.id),
+                )
+                + func.coalesce(endpoint_busy.c.n, 0)
+            ).label("endpoint_slot"),
+            endpoint_cap.label("endpoint_cap"),
+        )
+        .join(endpoint_busy, endpoint_busy.c.endpoint_id == Delivery.endpoint_id, isouter=True)
+        .join(EndpointCircuit, EndpointCircuit.endpoint_id == Delivery.endpoint_id, isouter=True)
+        .where(
+            Delivery.state == DeliveryState.PENDING,
+            Delivery.kind == DeliveryKind.EVENT,
+            Delivery.next_attempt_at <= now,
+            or_(EndpointCircuit.open_until.is_(None), EndpointCircuit.open_until <= now),
+        )
+        .subquery()
+    )
+    within_endpoint = (
+        select(due.c.id, due.c.org_id, due.c.next_attempt_at, due.c.endpoint_slot)
+        .where(due.c.endpoint_slot <= due.c.endpoint_cap)
+        .subquery()
+    )
+    ranked = (
+        select(
+            within_endpoint.c.id,
+            within_endpoint.c.next_attempt_at,
+            (
+                func.row_number().over(
+                    partition_by=within_endpoint.c.org_id,
+                    order_by=(
+                        within_endpoint.c.endpoint_slot,
+                        within_endpoint.c.next_attempt_at,
+                        within_endpoint.c.id,
+                    ),
+                )
+                + func.coalesce(org_busy.c.n, 0)
+            ).label("org_slot"),
+        )
+        .join(org_busy, org_busy.c.org_id == within_endpoint.c.org_id, isouter=True)
+        .subquery()
+    )
+    chosen = session.scalars(
+        select(ranked.c.id)
+        .where(ranked.c.org_slot <= settings.org_max_in_flight)
+        .order_by(ranked.c.org_slot, ranked.c.next_attempt_at, ranked.c.id)
+        .limit(limit)
+    ).all()
+    return claim_many(session, chosen)
+
+
+# Serialises the data plane's claims on PostgreSQL (an arbitrary constant of Rotator's own).
+_CLAIM_LOCK = 0x526F7461
+
+
+def next_due_in(session: Session, *, longest: float) -> float:
+    """Seconds until the next event delivery falls due (0 if one is due now), at most
+    ``longest``: how long an idle dispatcher may sleep before it looks again."""
+    earliest = session.scalar(
+        select(func.min(Delivery.next_attempt_at)).where(
+            Delivery.state == DeliveryState.PENDING, Delivery.kind == DeliveryKind.EVENT
+        )
+    )
+    if earliest is None:
+        return longest
+    return max(0.0, min(longest, (earliest - clock.now()).total_seconds()))
 
 
 def claim(session: Session, delivery_id: uuid.UUID) -> AttemptPlan | None:
@@ -582,33 +753,75 @@ def record_many(
         _move(session, dead, now, state=DeliveryState.DEAD)
         for item in dead:
             outcomes[item] = (Outcome.DEAD, None)
-    rows = [
-        {
-            "id": new_id(),
-            "org_id": plan.org_id,
-            "delivery_id": plan.delivery_id,
-            "endpoint_id": plan.endpoint_id,
-            "event_id": plan.event_id,
-            "event_type": plan.event_type,
-            "url": plan.url,
-            "attempt": plan.attempt,
-            "outcome": outcomes[plan.delivery_id][0].value,
-            "response_status": result.status,
-            "response_time_ms": result.elapsed_ms,
-            "request_body_sha256": hashlib.sha256(plan.body).hexdigest(),
-            "request_body_bytes": len(plan.body),
-            "response_body_excerpt": result.body_excerpt[:EXCERPT_CHARS],
-            "request_headers": recorded_headers(plan.headers),
-            "error": result.error[:500] if result.error else None,
-            "occurred_at": now,
-        }
-        for plan, result in sent
-    ]
+    opened = circuit.note(
+        session,
+        [
+            (
+                plan.endpoint_id,
+                result.ok,
+                plan.kind == DeliveryKind.EVENT and circuit.unusable(result.status),
+            )
+            for plan, result in sent
+        ],
+    )
+    rows = []
+    for plan, result in sent:
+        error = result.error
+        until = opened.get(plan.endpoint_id)
+        if until is not None:  # the log says why the endpoint's deliveries pause
+            error = f"{error or 'no usable answer'}; circuit open until {clock.rfc3339(until)}"
+        rows.append(
+            _attempt_row(
+                plan,
+                attempt=plan.attempt,
+                outcome=outcomes[plan.delivery_id][0],
+                status=result.status,
+                elapsed_ms=result.elapsed_ms,
+                excerpt=result.body_excerpt,
+                error=error,
+                headers=recorded_headers(plan.headers),
+                now=now,
+            )
+        )
     session.execute(insert(_ATTEMPTS), rows)
     return [
         Recorded(attempt=DeliveryAttempt(**row), retry_in=outcomes[plan.delivery_id][1])
         for (plan, _), row in zip(sent, rows, strict=True)
     ]
+
+
+def _attempt_row(
+    plan: AttemptPlan,
+    *,
+    attempt: int,
+    outcome: Outcome,
+    status: int | None,
+    elapsed_ms: int,
+    excerpt: str,
+    error: str | None,
+    headers: dict[str, str],
+    now: datetime,
+) -> dict[str, Any]:
+    """One ``delivery_attempts`` row (never a secret: ``headers`` are already redacted)."""
+    return {
+        "id": new_id(),
+        "org_id": plan.org_id,
+        "delivery_id": plan.delivery_id,
+        "endpoint_id": plan.endpoint_id,
+        "event_id": plan.event_id,
+        "event_type": plan.event_type,
+        "url": plan.url,
+        "attempt": attempt,
+        "outcome": outcome.value,
+        "response_status": status,
+        "response_time_ms": elapsed_ms,
+        "request_body_sha256": hashlib.sha256(plan.body).hexdigest(),
+        "request_body_bytes": len(plan.body),
+        "response_body_excerpt": excerpt[:EXCERPT_CHARS],
+        "request_headers": headers,
+        "error": error[:500] if error else None,
+        "occurred_at": now,
+    }
 
 
 def _move(
@@ -623,7 +836,7 @@ def _move(
     moved = session.scalars(
         update(Delivery)
         .where(Delivery.id.in_(delivery_ids), Delivery.state == DeliveryState.PENDING)
-        .values(state=state, next_attempt_at=next_at, updated_at=now)
+        .values(state=state, next_attempt_at=next_at, leased_until=None, updated_at=now)
         .returning(Delivery.id)
         .execution_options(synchronize_session=False)
     )
@@ -640,7 +853,12 @@ def abandon_pending(session: Session, endpoint_id: uuid.UUID) -> None:
     session.execute(
         update(Delivery)
         .where(Delivery.endpoint_id == endpoint_id, Delivery.state == DeliveryState.PENDING)
-        .values(state=DeliveryState.ABANDONED, next_attempt_at=None, updated_at=clock.now())
+        .values(
+            state=DeliveryState.ABANDONED,
+            next_attempt_at=None,
+            leased_until=None,
+            updated_at=clock.now(),
+        )
     )
 
 

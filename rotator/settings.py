@@ -73,6 +73,18 @@ class Settings(BaseSettings):
     # Multiplies every beat period (tests shorten them; production leaves it at 1).
     beat_period_scale: float = Field(default=1.0, gt=0, le=10)
 
+    # Isolation (docs/operating.md, "Isolation"). Requests one delivery worker process keeps
+    # in flight (its posting threads); at most this many to one endpoint and for one
+    # organization, counted across every delivery worker.
+    delivery_concurrency: int = Field(default=64, ge=1, le=1024)
+    endpoint_max_in_flight: int = Field(default=4, ge=1, le=1000)
+    org_max_in_flight: int = Field(default=64, ge=1)
+    # An endpoint whose attempts get no usable answer this many times in a row is left alone
+    # for circuit_open_seconds, doubling on each reopening up to circuit_max_open_seconds.
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_open_seconds: float = Field(default=30.0, gt=0)
+    circuit_max_open_seconds: float = Field(default=600.0, gt=0)
+
     # How long an API process trusts a key it has just authenticated, for reads (writes always
     # check): a revoked key keeps reading for at most this long. 0 checks on every request.
     auth_cache_seconds: float = Field(default=5.0, ge=0, le=300)

@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu import Queue
 
 from rotator import logs
 from rotator.settings import Settings, get_settings
 from schedules.beat import beat_schedule
+from workers.names import TaskName
 
 # Task modules the worker imports at start-up (by name, so importing this module stays cheap).
 TASK_MODULES = [
@@ -21,6 +23,13 @@ TASK_MODULES = [
     "workers.org_secrets",
     "schedules.ticks",
 ]
+
+# Two planes, two queues (docs/operating.md, "Isolation"): operation steps, org-secret expiry
+# and the beat ticks on one, the data plane's wake-ups on the other, each with workers of its
+# own (``rotator worker -Q control`` / ``-Q deliveries``); a worker without -Q takes both.
+CONTROL_QUEUE = "control"
+DELIVERY_QUEUE = "deliveries"
+TASK_ROUTES = {str(TaskName.DELIVERY_SEND): {"queue": DELIVERY_QUEUE}}
 
 # A task killed by its hard limit is redelivered; keep every limit far below the time Redis
 # waits before redelivering an unacknowledged message.
@@ -57,6 +66,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
         "include": TASK_MODULES,
+        "task_queues": (Queue(CONTROL_QUEUE), Queue(DELIVERY_QUEUE)),
+        "task_default_queue": CONTROL_QUEUE,
+        "task_routes": TASK_ROUTES,
         "beat_schedule": beat_schedule(settings),
     }
 

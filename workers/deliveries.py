@@ -1,124 +1,52 @@
-"""Sending deliveries: claim attempts, sign and send them with httpx, record the outcomes.
+"""Deliveries: the ``delivery.send`` wake-up message, and the direct path for one delivery.
 
-One ``delivery.send`` message carries the ids of several deliveries (an event's fan-out, a
-reconciler's batch, or one retry). The task claims the due ones in one transaction, sends them
-all at once on the process's posting threads, each with its own keep-alive ``Sender`` (no
-transaction, lock or database connection held meanwhile), and records them in a second
-transaction.
+Event deliveries are sent by the data plane's dispatcher (workers/dispatcher.py), which takes
+them from the database fairly; a ``delivery.send`` message only tells a delivery worker that
+there is work. It carries no ids, and losing one costs at most the dispatcher's idle poll.
+
+A synchronous test delivery and a handoff go the direct way: ``attempt`` claims that one
+delivery, sends it on the calling thread (no transaction, lock or database connection held
+meanwhile) and records it in a second transaction.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
 import uuid
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from collections.abc import Sequence
+from typing import Any
 
+from celery import signals
 from sqlalchemy.orm import Session
 
 from models import delivery as deliveries
 from models.db import Database, get_database
-from rotator import metrics
-from workers.app import app
+from workers import dispatcher
+from workers.app import DELIVERY_QUEUE, app
 from workers.enqueue import send_after_commit
-from workers.http import Sender, SendResult
 from workers.names import TaskName
-
-log = logging.getLogger("rotator.deliveries")
-
-# Retries further out than this are not held as countdown messages in the broker; the
-# reconciler picks them up when due (DESIGN: countdowns in seconds to minutes only).
-MAX_COUNTDOWN_S = 900.0
-
-# Deliveries per message. A message's posts all run at once (one posting thread each), so a
-# message takes about one request's time (at most ~2 timeouts: connect, then read) whatever
-# its size: well inside the task time limit, and a member's record never waits long enough
-# behind a slow batch-mate for its lease to run out and the reconciler to send it again.
-BATCH_SIZE = 20
-# Posting threads per process, created only as needed: one batch at a time in a prefork child
-# uses BATCH_SIZE of them; a threads-pool worker running several batches at once uses more.
-MAX_POSTING_THREADS = 4 * BATCH_SIZE
-# Keep-alive connections per posting thread (a thread sends one request at a time; the rest
-# are idle connections to other receivers, closed after 5 s or when a new one needs room).
-CONNECTIONS_PER_THREAD = 4
-
-_local = threading.local()
+from workers.sending import report_attempt, sender_for
 
 
-def sender_for(db: Database) -> Sender:
-    """This thread's keep-alive client for the database's settings (made on first use, so
-    after a prefork worker forks). One per thread, not one shared by a process's threads: a
-    shared client serialises them on its pool lock and scans every pooled connection per
-    request, which cost a third more CPU per delivery than this."""
-    settings = db.settings
-    key = (settings.delivery_timeout_seconds, settings.allow_insecure_urls)
-    senders: dict[tuple[float, bool], Sender] | None = getattr(_local, "senders", None)
-    if senders is None:
-        senders = _local.senders = {}
-    sender = senders.get(key)
-    if sender is None:
-        sender = senders[key] = Sender(
-            timeout_s=key[0], allow_insecure=key[1], max_connections=CONNECTIONS_PER_THREAD
-        )
-    return sender
-
-
-_pool_lock = threading.Lock()
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _posting_pool() -> ThreadPoolExecutor:
-    """The process's posting threads, created on first use (after a prefork worker forks)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (
-                os.getpid(),
-                ThreadPoolExecutor(
-                    max_workers=MAX_POSTING_THREADS, thread_name_prefix="delivery-post"
-                ),
-            )
-        return _pool[1]
-
-
-def _post(db: Database, plan: deliveries.AttemptPlan) -> SendResult:
-    return sender_for(db).post(plan.url, plan.body, plan.headers)
-
-
-def enqueue(session: Session, delivery_ids: Iterable[uuid.UUID]) -> None:
-    """Send these deliveries once ``session`` commits: one message per ``BATCH_SIZE`` ids."""
-    ids = list(delivery_ids)
-    for start in range(0, len(ids), BATCH_SIZE):
-        send_after_commit(session, TaskName.DELIVERY_SEND, *ids[start : start + BATCH_SIZE])
+def enqueue(session: Session, delivery_ids: Sequence[uuid.UUID]) -> None:
+    """Wake a delivery worker once ``session`` commits, if it made deliveries due."""
+    if delivery_ids:
+        send_after_commit(session, TaskName.DELIVERY_SEND)
 
 
 def send(db: Database, delivery_ids: Sequence[uuid.UUID]) -> list[deliveries.DeliveryAttempt]:
-    """Send the next attempt of each due delivery among ``delivery_ids``; the attempts made.
+    """Send the next attempt of each due delivery among ``delivery_ids``, one after another on
+    this thread; the attempts made.
 
-    Deliveries that are not due (a duplicate or early message), finished, or whose endpoint is
-    gone are skipped. Retries due within ``MAX_COUNTDOWN_S`` get their own countdown message.
+    Deliveries that are not due (a duplicate or early call), finished, or whose endpoint is
+    gone are skipped. A retry is left to the dispatcher, which finds it due in the database.
     """
     with db.session() as session:
         plans = deliveries.claim_many(session, delivery_ids)
     if not plans:
         return []
-    if len(plans) == 1:
-        results = [_post(db, plans[0])]
-    else:
-        results = list(_posting_pool().map(partial(_post, db), plans))
+    sent = [(plan, sender_for(db).post(plan.url, plan.body, plan.headers)) for plan in plans]
     with db.session() as session:
-        recorded = deliveries.record_many(session, list(zip(plans, results, strict=True)))
-        for item in recorded:
-            if item.retry_in is not None and item.retry_in <= MAX_COUNTDOWN_S:
-                send_after_commit(
-                    session,
-                    TaskName.DELIVERY_SEND,
-                    item.attempt.delivery_id,
-                    countdown=item.retry_in,
-                )
+        recorded = deliveries.record_many(session, sent)
     for item in recorded:
         report_attempt(db, item.attempt)
     return [item.attempt for item in recorded]
@@ -127,29 +55,42 @@ def send(db: Database, delivery_ids: Sequence[uuid.UUID]) -> list[deliveries.Del
 def attempt(db: Database, delivery_id: uuid.UUID) -> deliveries.DeliveryAttempt | None:
     """Send the next attempt of ``delivery_id`` if it is due; None when there was nothing to do.
 
-    ``send`` for one delivery: the test route and a safe migrate's probe call it directly.
+    The test route and a safe migrate's handoff call it directly.
     """
     made = send(db, [delivery_id])
     return made[0] if made else None
 
 
-def report_attempt(db: Database, row: deliveries.DeliveryAttempt) -> None:
-    """One log line and one latency observation per attempt: ids and numbers, never the URL,
-    headers or body (a URL may carry a credential)."""
-    metrics.observe_delivery(db.settings, row.outcome, row.response_time_ms / 1000)
-    log.info(
-        "delivery attempt",
-        extra={
-            "delivery_id": str(row.delivery_id),
-            "attempt": row.attempt,
-            "outcome": row.outcome,
-            "status": row.response_status,
-            "latency_ms": row.response_time_ms,
-        },
-    )
-
-
 @app.task(name=TaskName.DELIVERY_SEND)
-def send_deliveries(*delivery_ids: str) -> None:
-    """``delivery.send(id, id, …)``: ids only, never anything secret (invariant 1)."""
-    send(get_database(), [uuid.UUID(value) for value in delivery_ids])
+def wake_dispatcher(*_legacy_ids: str) -> None:
+    """``delivery.send``: there are due deliveries. Messages published before the dispatcher
+    existed carried delivery ids; they wake it just the same."""
+    dispatcher.running(get_database()).wake()
+
+
+# A worker consuming the deliveries queue runs one dispatcher per process that executes tasks:
+# each prefork child, or the worker process itself for the solo and threads pools.
+
+
+def _consumes_deliveries() -> bool:
+    return DELIVERY_QUEUE in app.amqp.queues.consume_from
+
+
+@signals.worker_process_init.connect
+def _start_in_child(**_: Any) -> None:
+    if _consumes_deliveries():
+        dispatcher.running(get_database())
+
+
+@signals.worker_ready.connect
+def _start_in_worker(sender: Any = None, **_: Any) -> None:
+    pool = getattr(sender, "pool", None)
+    forks = type(pool).__module__.startswith("celery.concurrency.prefork")
+    if not forks and _consumes_deliveries():
+        dispatcher.running(get_database())
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _stop(**_: Any) -> None:
+    dispatcher.stop_running()

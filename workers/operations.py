@@ -11,9 +11,10 @@ from models import operation as operations
 from models.db import Database, get_database
 from rotator import logs, metrics
 from workers.app import app
-from workers.deliveries import attempt, report_attempt, sender_for
+from workers.deliveries import attempt
 from workers.enqueue import send_after_commit
 from workers.names import TaskName
+from workers.sending import report_attempt, sender_for
 
 log = logging.getLogger("rotator.operations")
 

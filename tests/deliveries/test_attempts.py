@@ -131,8 +131,12 @@ def test_a_claim_that_never_reports_back_is_due_again_after_its_lease(database, 
         with database.session() as session:
             assert deliveries.claim(session, delivery_id) is None  # leased
             assert delivery_id not in deliveries.overdue(session, older_than=timedelta(0))
-        lease = timedelta(seconds=insecure.delivery_timeout_seconds)
-        clock.travel(lease + timedelta(seconds=2))
+        # The lease covers a whole request (its total deadline) and its record.
+        lease = timedelta(seconds=2 * insecure.delivery_timeout_seconds + 5)
+        clock.travel(lease - timedelta(seconds=3))
+        with database.session() as session:
+            assert deliveries.claim(session, delivery_id) is None  # still leased
+        clock.travel(timedelta(seconds=4))
         with database.session() as session:
             assert deliveries.overdue(session, older_than=timedelta(0)) == [delivery_id]
         resent = attempt(database, delivery_id)
@@ -141,6 +145,13 @@ def test_a_claim_that_never_reports_back_is_due_again_after_its_lease(database, 
     assert resent.attempt == 2
     assert resent.outcome == Outcome.SUCCESS
     assert delivery(database, delivery_id).state == DeliveryState.SUCCEEDED
+    # Every attempt is in the log exactly once, the lost one said to be lost.
+    logged = attempts_of(database, delivery_id)
+    assert [(row.attempt, row.outcome, row.error) for row in logged] == [
+        (1, Outcome.RETRY, deliveries.LOST_ATTEMPT),
+        (2, Outcome.SUCCESS, None),
+    ]
+    assert logged[0].response_status is None
 
 
 def test_delivery_to_an_endpoint_deleted_meanwhile_is_abandoned_unsent(database, insecure):

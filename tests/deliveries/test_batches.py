@@ -1,6 +1,6 @@
-"""Several deliveries per message: ``workers.deliveries.send`` claims the due ones set-based,
-posts them concurrently and records them together; each delivery keeps its own state, retry
-schedule and attempt log.
+"""Several deliveries at once: ``workers.deliveries.send`` claims the due ones set-based and
+records them together; each delivery keeps its own state, retry schedule and attempt log. A
+``delivery.send`` message only wakes the data plane: it carries no ids.
 
 No Celery worker runs here: the messages published are captured, never consumed, so each test
 decides exactly when a batch is sent.
@@ -12,7 +12,6 @@ import threading
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,8 +35,8 @@ from tests.deliveries.helpers import (
     seconds_between,
 )
 from tests.factories import make_tenant
-from tests.receivers import scripted_receiver, serving
-from workers.deliveries import BATCH_SIZE, enqueue, send
+from tests.receivers import scripted_receiver
+from workers.deliveries import enqueue, send
 from workers.names import TaskName
 
 
@@ -77,10 +76,10 @@ def _fan_out(
     return {item: by_endpoint[delivery(database, item).endpoint_id] for item in ids}, ids
 
 
-# --- one message per fan-out --------------------------------------------------------------------
+# --- one wake-up per commit ---------------------------------------------------------------------
 
 
-def test_an_event_is_one_message_carrying_its_delivery_ids(client, database, insecure, published):
+def test_an_event_is_one_wake_up_message_carrying_nothing(client, database, insecure, published):
     tenant = make_tenant(database)
     for index in range(3):
         add_endpoint(database, tenant.org_id, f"http://127.0.0.1:9/{index}")
@@ -88,23 +87,23 @@ def test_an_event_is_one_message_carrying_its_delivery_ids(client, database, ins
         "/v1/events", json={"type": "brand.vetted", "data": {}}, headers=tenant.headers
     )
     assert response.status_code == 202, response.text
-    ids = {item["id"] for item in response.json()["deliveries"]}
-    sends = _sends(published)
-    assert len(sends) == 1
-    assert set(sends[0]) == ids  # ids only (invariant 1)
+    assert len(response.json()["deliveries"]) == 3
+    assert _sends(published) == [[]]  # the database says what is due (invariant 1)
 
 
-def test_a_large_fan_out_is_split_into_batches(database, insecure, published):
+def test_the_wake_up_is_published_only_after_the_commit(database, insecure, published):
     tenant = make_tenant(database)
-    for index in range(BATCH_SIZE + 1):
-        add_endpoint(database, tenant.org_id, f"http://127.0.0.1:9/{index}")
+    add_endpoint(database, tenant.org_id, "http://127.0.0.1:9/hooks")
     with database.session() as session:
         _, created = deliveries.publish(session, tenant.org_id, "brand.vetted", {})
         enqueue(session, [item.id for item in created])
-        assert _sends(published) == []  # only after the commit (invariant 2)
-    sends = _sends(published)
-    assert [len(args) for args in sends] == [BATCH_SIZE, 1]
-    assert {value for args in sends for value in args} == {str(item.id) for item in created}
+        assert _sends(published) == []  # invariant 2
+    assert _sends(published) == [[]]
+    with database.session() as session:
+        _, created = deliveries.publish(session, tenant.org_id, "campaign.approved", {})
+        assert created == []  # nobody subscribed
+        enqueue(session, [])
+    assert _sends(published) == [[]]  # nothing due, nobody woken
 
 
 # --- a batch ------------------------------------------------------------------------------------
@@ -155,34 +154,6 @@ def test_concurrent_copies_of_a_batch_send_each_delivery_once(database, insecure
     assert len({request.path for request in received}) == 3
     for item in ids:
         assert len(attempts_of(database, item)) == 1
-
-
-def test_the_posts_of_a_batch_are_in_flight_together(database, insecure):
-    """Each receiver answers only once all three requests have arrived: sent one after the
-    other, the first would give up waiting and answer 500."""
-    tenant = make_tenant(database)
-    together = threading.Barrier(3)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's dispatch name
-            self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            try:
-                together.wait(timeout=10)
-                status = 200
-            except threading.BrokenBarrierError:
-                status = 500
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            return
-
-    with serving(Handler) as port:
-        _, ids = _fan_out(database, tenant.org_id, f"http://127.0.0.1:{port}/hooks", 3)
-        made = send(database, ids)
-    assert [row.response_status for row in made] == [200, 200, 200]
-    assert {row.outcome for row in made} == {Outcome.SUCCESS}
 
 
 def test_a_batch_skips_a_member_already_succeeded(database, insecure):
@@ -266,9 +237,9 @@ def test_one_member_is_retried_on_its_own_while_the_others_succeed(database, set
         assert outcomes == {
             item: Outcome.RETRY if item == retried else Outcome.SUCCESS for item in ids
         }
-        # The retry alone, with its own countdown (Retry-After 7 s beats the 5 s step).
-        assert _sends(published) == [[str(retried)]]
-        assert published[-1][2] is not None  # an eta
+        # The retry waits in the database, not in the broker: no message. Retry-After 7 s
+        # beats the 5 s step.
+        assert _sends(published) == []
         row = delivery(database, retried)
         assert row.state == DeliveryState.PENDING
         assert seconds_between(row.next_attempt_at, made[0].occurred_at) == 7.0
@@ -292,7 +263,7 @@ def test_one_member_is_retried_on_its_own_while_the_others_succeed(database, set
 
 def test_a_batch_that_never_reports_back_is_resent_by_the_reconciler(database, insecure, published):
     """A worker killed between the claim and the record: the leases run out, the reconciler
-    finds the deliveries overdue and sends them again, several per message."""
+    finds the deliveries overdue and wakes the data plane, which sends them again."""
     tenant = make_tenant(database)
     with scripted_receiver() as receiver:
         _, ids = _fan_out(database, tenant.org_id, receiver.url, 3)
@@ -301,15 +272,11 @@ def test_a_batch_that_never_reports_back_is_resent_by_the_reconciler(database, i
         assert sorted(plan.delivery_id for plan in plans) == sorted(ids)
         assert reconcile_deliveries() == 0  # leased: not overdue
         assert _sends(published) == []
-        clock.travel(
-            timedelta(
-                seconds=insecure.delivery_timeout_seconds + insecure.reconcile_after_seconds + 2
-            )
-        )
+        lease = 2 * insecure.delivery_timeout_seconds + 5
+        clock.travel(timedelta(seconds=lease + insecure.reconcile_after_seconds + 2))
         assert reconcile_deliveries() == 3
-        (message,) = _sends(published)
-        assert sorted(message) == sorted(str(item) for item in ids)
-        made = send(database, [uuid.UUID(value) for value in message])
+        assert _sends(published) == [[]]
+        made = send(database, ids)
         exactly(receiver, 3)  # the first claims never sent anything
     assert sorted(row.delivery_id for row in made) == sorted(ids)
     assert {row.attempt for row in made} == {2}

@@ -31,8 +31,8 @@ from schedules.ticks import reconcile_operations
 from tests.conftest import overridden
 from tests.factories import Tenant, make_tenant
 from tests.receivers import Received, ScriptedReceiver, scripted_receiver
-from workers.deliveries import sender_for
 from workers.operations import advance
+from workers.sending import sender_for
 
 STEP_NAMES = ["create_endpoint", "send_test_delivery", "await_success", "delete_old_endpoint"]
 BACKOFF_INITIAL_S, BACKOFF_MAX_S = 2.0, 8.0

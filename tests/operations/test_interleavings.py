@@ -35,8 +35,9 @@ from models.org import create_org
 from receiver import DemoReceiver
 from tests.conftest import overridden
 from tests.receivers import loopback_demo_receiver
-from workers.deliveries import attempt, sender_for
+from workers.deliveries import attempt
 from workers.operations import advance
+from workers.sending import sender_for
 
 # The receiver checks signed timestamps against its own (real) clock while the test moves the
 # domain's clock: a tolerance far beyond any travel keeps "stale" from masking "wrong secret".
