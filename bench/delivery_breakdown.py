@@ -151,7 +151,7 @@ def delivery_steps(args: argparse.Namespace, setup: Any, receiver_port: int) -> 
     from models import delivery as deliveries
     from models.db import get_database
     from models.endpoint import create_endpoint
-    from workers.deliveries import sender_for
+    from workers.sending import sender_for
 
     db = get_database()
     org_id = uuid.UUID(setup.org_id)

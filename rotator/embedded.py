@@ -1,8 +1,10 @@
-"""``rotator dev``: the API, a Celery worker and beat in one process.
+"""``rotator dev``: the API, a Celery worker, the delivery dispatcher and beat in one process.
 
 The broker is Celery's in-memory transport, which only works inside one process: that is the
-point of this mode. The worker runs a thread pool in a background thread and beat runs as a
-thread, so the whole control plane is one command with nothing else to start.
+point of this mode. The worker runs a thread pool in a background thread and consumes both
+queues; deliveries are sent by the data plane's dispatcher (its own threads, as in a delivery
+worker), so a delivery backlog never holds up an operation step here either. Beat runs as a
+thread: the whole service is one command with nothing else to start.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ class _Worker(WorkController):
 @contextmanager
 def background_services(settings: Settings, *, concurrency: int = 4) -> Iterator[None]:
     """Run a worker and beat in this process until the block exits."""
+    from models.db import get_database
     from schedules.beat import beat_schedule
+    from workers import dispatcher
     from workers.app import app
 
     app.conf.beat_schedule = beat_schedule(settings)
@@ -54,6 +58,7 @@ def background_services(settings: Settings, *, concurrency: int = 4) -> Iterator
     worker_thread.start()
     if not worker.ready.wait(timeout=30):
         raise RuntimeError("embedded Celery worker did not start")
+    dispatcher.running(get_database())
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     beat = EmbeddedService(
         app, thread=True, schedule_filename=str(settings.data_dir / "celerybeat-schedule")
@@ -64,6 +69,7 @@ def background_services(settings: Settings, *, concurrency: int = 4) -> Iterator
         yield
     finally:
         beat.stop()
+        dispatcher.stop_running()
         worker.stop(in_sighandler=False)
         worker_thread.join(timeout=10)
         # Celery keeps "shutting down" in module state; clear it so a later worker can start.
