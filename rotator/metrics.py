@@ -173,8 +173,8 @@ class DatabaseCollector(Collector):
     def _from_database(self) -> list[Metric]:
         from sqlalchemy import func, select
 
-        from models import clock, heartbeat
-        from models.delivery import DeliveryAttempt, Outcome
+        from models import circuit, clock, heartbeat
+        from models.delivery import Delivery, DeliveryAttempt, DeliveryState, Outcome
         from models.operation import TERMINAL_STATES, Operation, OperationKind
         from models.org_secret import ExpiredBy, OrgSecret, SecretState
 
@@ -203,6 +203,16 @@ class DatabaseCollector(Collector):
                 .limit(1)
             ).first()
             last_tick = heartbeat.latest(session)
+            circuits_open = circuit.open_count(session)
+            # Only attempts being sent hold a lease: bounded by the data plane's slots.
+            in_flight = session.scalar(
+                select(func.count())
+                .select_from(Delivery)
+                .where(
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.leased_until > clock.now(),
+                )
+            )
         now = clock.now()
 
         started = {str(kind): 0 for kind in OperationKind}
@@ -237,6 +247,20 @@ class DatabaseCollector(Collector):
             attempts_family.add_metric([outcome], count)
 
         families: list[Metric] = [started_family, ended_family, attempts_family]
+        families.append(
+            GaugeMetricFamily(
+                "rotator_deliveries_in_flight",
+                "Delivery attempts being sent now (claimed, not yet recorded), every worker.",
+                value=float(in_flight or 0),
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "rotator_endpoint_circuits_open",
+                "Endpoints whose receiver kept failing: their deliveries wait (no retry spent).",
+                value=float(circuits_open),
+            )
+        )
         families.append(
             GaugeMetricFamily(
                 "rotator_oldest_unfinished_operation_age_seconds",

@@ -1,6 +1,13 @@
 """DESIGN "Celery settings that matter", asserted on the app the workers run."""
 
-from workers.app import HARD_TIME_LIMIT_S, VISIBILITY_TIMEOUT_S, app
+from workers.app import (
+    CONTROL_QUEUE,
+    DELIVERY_QUEUE,
+    HARD_TIME_LIMIT_S,
+    VISIBILITY_TIMEOUT_S,
+    app,
+)
+from workers.names import TaskName
 
 
 def test_reliability_settings():
@@ -32,3 +39,18 @@ def test_every_beat_entry_expires_and_names_a_registered_task():
     for name, entry in app.conf.beat_schedule.items():
         assert entry["task"] in app.tasks, name
         assert entry.get("options", {}).get("expires"), name
+
+
+def test_deliveries_and_the_control_plane_are_routed_to_their_own_queues():
+    app.loader.import_default_modules()
+    assert {queue.name for queue in app.conf.task_queues} == {CONTROL_QUEUE, DELIVERY_QUEUE}
+    assert app.conf.task_default_queue == CONTROL_QUEUE
+    for name in app.tasks:
+        if name.startswith("celery."):
+            continue
+        route = app.amqp.router.route({}, name)
+        expected = DELIVERY_QUEUE if name == TaskName.DELIVERY_SEND else CONTROL_QUEUE
+        assert route["queue"].name == expected, name
+    # Every beat tick is control-plane work.
+    for entry in app.conf.beat_schedule.values():
+        assert app.amqp.router.route({}, entry["task"])["queue"].name == CONTROL_QUEUE

@@ -24,14 +24,23 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
-EXPECTED_SERVICES = {"postgres", "redis", "migrate", "api", "worker", "beat", "flower"}
+WORKERS = ("worker-control", "worker-deliveries")
+EXPECTED_SERVICES = {"postgres", "redis", "migrate", "api", *WORKERS, "beat", "flower"}
 ONE_SHOT = {"migrate"}
 CONDITIONS = {"service_healthy", "service_completed_successfully", "service_started"}
 # The subcommands compose runs, and the ``func`` the parser must pick for each.
 EXPECTED_COMMANDS = {
     "migrate": (["db", "upgrade"], "cmd_db_upgrade"),
     "api": (["api", "--host", "0.0.0.0", "--port", "8000"], "cmd_api"),  # noqa: S104
-    "worker": (["worker", "--loglevel=INFO", "--concurrency=2"], "cmd_worker"),
+    # One worker service per plane (docs/operating.md, "Isolation").
+    "worker-control": (
+        ["worker", "--loglevel=INFO", "--concurrency=2", "-Q", "control"],
+        "cmd_worker",
+    ),
+    "worker-deliveries": (
+        ["worker", "--loglevel=INFO", "--concurrency=2", "-Q", "deliveries"],
+        "cmd_worker",
+    ),
     "beat": (["beat", "--loglevel=INFO"], "cmd_beat"),
 }
 
@@ -109,7 +118,7 @@ def test_project_services_share_the_rotator_environment() -> None:
     assert shared["ROTATOR_ENV"] == "production"
     assert shared["ROTATOR_DATABASE_URL"] == "postgresql://rotator:rotator@postgres:5432/rotator"
     assert shared["ROTATOR_BROKER_URL"] == "redis://redis:6379/0"
-    for name in ("migrate", "api", "worker", "beat"):
+    for name in ("migrate", "api", *WORKERS, "beat"):
         service = data["services"][name]
         assert _is_project_image(service), f"{name} does not run the project image"
         assert service.get("environment") == shared, f"{name} does not use x-rotator-env"
@@ -144,7 +153,7 @@ def test_exactly_one_service_runs_beat() -> None:
 def test_long_running_services_have_healthchecks_and_restart() -> None:
     services = _services()
     long_running = _long_running(services)
-    assert {"postgres", "redis", "api", "worker", "flower", "beat"} <= set(long_running)
+    assert {"postgres", "redis", "api", *WORKERS, "flower", "beat"} <= set(long_running)
     for name, service in long_running.items():
         check = service.get("healthcheck")
         assert isinstance(check, dict), f"{name} has no healthcheck"
@@ -208,7 +217,7 @@ def test_every_dependency_has_a_condition_on_an_existing_service() -> None:
 
 def test_api_worker_beat_and_flower_wait_for_redis() -> None:
     services = _services()
-    for name in ("api", "worker", "beat", "flower"):
+    for name in ("api", *WORKERS, "beat", "flower"):
         condition = services[name].get("depends_on", {}).get("redis", {}).get("condition")
         assert condition == "service_healthy", f"{name} does not wait for a healthy redis"
 
@@ -226,7 +235,7 @@ def test_migrate_is_one_shot_and_everything_on_the_database_waits_for_it() -> No
         for name, service in services.items()
         if name != "migrate" and "ROTATOR_DATABASE_URL" in (service.get("environment") or {})
     ]
-    assert {"api", "worker", "beat"} <= set(on_database)
+    assert {"api", *WORKERS, "beat"} <= set(on_database)
     for name in on_database:
         condition = services[name].get("depends_on", {}).get("migrate", {}).get("condition")
         assert condition == "service_completed_successfully", (
@@ -326,8 +335,18 @@ def test_compose_commands_are_real_rotator_subcommands() -> None:
             continue
         if args.func.__name__ != func_name:
             problems.append(f"{name}: parsed to {args.func.__name__}, not {func_name}")
-        if name in ("worker", "beat") and args.celery_args != command[1:]:
+        if name in (*WORKERS, "beat") and args.celery_args != command[1:]:
             problems.append(f"{name}: Celery would get {args.celery_args!r}, not {command[1:]!r}")
     assert not problems, "rotator's parser does not accept compose's commands:\n" + "\n".join(
         problems
     )
+
+
+def test_the_two_planes_consume_every_queue_between_them() -> None:
+    from workers.app import app
+
+    consumed = []
+    for name in WORKERS:
+        command = _tokens(_services()[name].get("command"))
+        consumed.append(command[command.index("-Q") + 1])
+    assert sorted(consumed) == sorted(queue.name for queue in app.conf.task_queues)

@@ -98,3 +98,24 @@ def test_observing_never_raises(settings, monkeypatch):
     monkeypatch.setattr(metrics, "_recorders_for", broken)
     metrics.observe_step(settings, "safe_migrate", "create_endpoint", 1.0)
     metrics.observe_delivery(settings, "success", 1.0)
+
+
+def test_in_flight_deliveries_and_open_circuits_are_gauges(client, database):
+    from models import circuit
+    from models import delivery as deliveries
+    from tests.deliveries.helpers import add_endpoint, publish
+    from tests.factories import make_tenant
+
+    tenant = make_tenant(database)
+    hook = add_endpoint(database, tenant.org_id, "http://127.0.0.1:9/hooks")
+    publish(database, tenant.org_id)
+    before = _samples(client)
+    assert before[("rotator_deliveries_in_flight", ())] == 0
+    assert before[("rotator_endpoint_circuits_open", ())] == 0
+    with database.session() as session:
+        assert len(deliveries.claim_due(session, 10)) == 1
+        failures = database.settings.circuit_failure_threshold
+        circuit.note(session, [(hook.id, False, True)] * failures)
+    after = _samples(client)
+    assert after[("rotator_deliveries_in_flight", ())] == 1
+    assert after[("rotator_endpoint_circuits_open", ())] == 1
