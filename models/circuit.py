@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import ForeignKey, Integer, func, select
+from sqlalchemy import ForeignKey, Integer, delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -72,11 +72,11 @@ def note(
     for endpoint_id in succeeded:
         failed.pop(endpoint_id, None)
     if succeeded:
-        rows = session.scalars(
-            select(EndpointCircuit).where(EndpointCircuit.endpoint_id.in_(succeeded))
+        session.execute(
+            delete(EndpointCircuit)
+            .where(EndpointCircuit.endpoint_id.in_(succeeded))
+            .execution_options(synchronize_session=False)
         )
-        for row in rows:
-            session.delete(row)
     if not failed:
         return {}
     settings = settings_of(session)

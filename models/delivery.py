@@ -406,7 +406,12 @@ def _endpoint_takes() -> Any:
     )
 
 
-def claim_many(session: Session, delivery_ids: Iterable[uuid.UUID]) -> list[AttemptPlan]:
+def claim_many(
+    session: Session,
+    delivery_ids: Iterable[uuid.UUID],
+    *,
+    lost: set[uuid.UUID] | None = None,
+) -> list[AttemptPlan]:
     """Claim the next attempt of every due delivery among ``delivery_ids``, set-based.
 
     One ``UPDATE … RETURNING`` takes the deliveries that are pending, due, and whose endpoint
@@ -422,17 +427,19 @@ def claim_many(session: Session, delivery_ids: Iterable[uuid.UUID]) -> list[Atte
     now = clock.now()
     lease = _lease(session, now)
     # Claimed before and never recorded, lease over: that attempt's outcome went down with
-    # its worker. It is logged as lost when the delivery is claimed again.
-    lost = set(
-        session.scalars(
-            select(Delivery.id).where(
-                Delivery.id.in_(ids),
-                Delivery.state == DeliveryState.PENDING,
-                Delivery.leased_until.is_not(None),
-                Delivery.leased_until <= now,
+    # its worker. It is logged as lost when the delivery is claimed again. (``claim_due``
+    # already knows which of its choices those are.)
+    if lost is None:
+        lost = set(
+            session.scalars(
+                select(Delivery.id).where(
+                    Delivery.id.in_(ids),
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.leased_until.is_not(None),
+                    Delivery.leased_until <= now,
+                )
             )
         )
-    )
     claimed = session.execute(
         update(Delivery)
         .where(
@@ -598,6 +605,7 @@ def claim_due(session: Session, limit: int) -> list[AttemptPlan]:
             Delivery.id,
             Delivery.org_id,
             Delivery.next_attempt_at,
+            Delivery.leased_until.is_not(None).label("lost"),
             (
                 func.row_number().over(
                     partition_by=Delivery.endpoint_id,
@@ -618,7 +626,7 @@ def claim_due(session: Session, limit: int) -> list[AttemptPlan]:
         .subquery()
     )
     within_endpoint = (
-        select(due.c.id, due.c.org_id, due.c.next_attempt_at, due.c.endpoint_slot)
+        select(due.c.id, due.c.org_id, due.c.next_attempt_at, due.c.endpoint_slot, due.c.lost)
         .where(due.c.endpoint_slot <= due.c.endpoint_cap)
         .subquery()
     )
@@ -626,6 +634,7 @@ def claim_due(session: Session, limit: int) -> list[AttemptPlan]:
         select(
             within_endpoint.c.id,
             within_endpoint.c.next_attempt_at,
+            within_endpoint.c.lost,
             (
                 func.row_number().over(
                     partition_by=within_endpoint.c.org_id,
@@ -641,13 +650,15 @@ def claim_due(session: Session, limit: int) -> list[AttemptPlan]:
         .join(org_busy, org_busy.c.org_id == within_endpoint.c.org_id, isouter=True)
         .subquery()
     )
-    chosen = session.scalars(
-        select(ranked.c.id)
+    chosen = session.execute(
+        select(ranked.c.id, ranked.c.lost)
         .where(ranked.c.org_slot <= settings.org_max_in_flight)
         .order_by(ranked.c.org_slot, ranked.c.next_attempt_at, ranked.c.id)
         .limit(limit)
     ).all()
-    return claim_many(session, chosen)
+    return claim_many(
+        session, [row.id for row in chosen], lost={row.id for row in chosen if row.lost}
+    )
 
 
 # Serialises the data plane's claims on PostgreSQL (an arbitrary constant of Rotator's own).

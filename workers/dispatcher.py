@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from models import delivery as deliveries
@@ -41,8 +42,16 @@ IDLE_POLL_S = 1.0
 # After a failed claim or record (database unreachable): wait, then try again.
 ERROR_PAUSE_S = 1.0
 RECORD_TRIES = 5
-# The recorder takes at most this many results per transaction.
+# The recorder takes at most this many results per transaction, and waits this long after the
+# first for more to finish: one transaction per several attempts, not one each.
 RECORD_BATCH = 200
+RECORD_GATHER_S = 0.005
+# With work still due, the dispatcher claims again once a quarter of its slots are free, or
+# this long after the first one freed: a claim per batch of work, not per finished request.
+CLAIM_GATHER_S = 0.02
+# Work is due but every candidate's endpoint or organization is at its cap: look again after
+# this long, or as soon as one of this process's requests ends.
+CAPPED_POLL_S = 0.1
 
 _Sent = tuple[deliveries.AttemptPlan, SendResult]
 
@@ -99,10 +108,19 @@ class Dispatcher:
     # --- the dispatcher thread ------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        low_water = max(1, self.slots // 4)
+        backlog = False  # the last claim filled every free slot: more work is waiting
         while True:
             with self._changed:
                 while self._free == 0 and not self._stopping:
                     self._changed.wait()
+                if backlog and not self._stopping:
+                    deadline = time.monotonic() + CLAIM_GATHER_S
+                    while self._free < low_water and not self._stopping:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._changed.wait(left)
                 if self._stopping:
                     return
                 free = self._free
@@ -110,14 +128,16 @@ class Dispatcher:
             try:
                 with self.db.session() as session:
                     plans = deliveries.claim_due(session, free)
+                    backlog = len(plans) == free
                     idle_for = (
                         0.0
-                        if len(plans) == free
-                        else deliveries.next_due_in(session, longest=IDLE_POLL_S)
+                        if backlog
+                        # Due now yet not claimed: held back by a cap, until a slot frees.
+                        else deliveries.next_due_in(session, longest=IDLE_POLL_S) or CAPPED_POLL_S
                     )
             except Exception:
                 log.exception("claiming deliveries failed")
-                plans, idle_for = [], ERROR_PAUSE_S
+                plans, idle_for, backlog = [], ERROR_PAUSE_S, False
             if plans:
                 with self._changed:
                     self._free -= len(plans)
@@ -126,7 +146,7 @@ class Dispatcher:
             if idle_for > 0:
                 with self._changed:
                     if not self._woken and not self._stopping:
-                        self._changed.wait(idle_for)
+                        self._changed.wait(idle_for)  # a freed slot or a wake-up ends it
 
     def _post(self, plan: deliveries.AttemptPlan) -> None:
         try:
@@ -145,9 +165,10 @@ class Dispatcher:
             if item is None:
                 return
             batch = [item]
+            gather_until = time.monotonic() + RECORD_GATHER_S
             while len(batch) < RECORD_BATCH:
                 try:
-                    more = self._done.get_nowait()
+                    more = self._done.get(timeout=max(0.0, gather_until - time.monotonic()))
                 except queue.Empty:
                     break
                 if more is None:
