@@ -1,4 +1,4 @@
-"""DESIGN "Celery settings that matter", asserted on the app the workers run."""
+"""docs/architecture.md, "Celery settings that matter", asserted on the app the workers run."""
 
 from workers.app import HARD_TIME_LIMIT_S, VISIBILITY_TIMEOUT_S, app
 

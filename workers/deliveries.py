@@ -30,7 +30,7 @@ from workers.names import TaskName
 log = logging.getLogger("rotator.deliveries")
 
 # Retries further out than this are not held as countdown messages in the broker; the
-# reconciler picks them up when due (DESIGN: countdowns in seconds to minutes only).
+# reconciler picks them up when due (docs/architecture.md, "Celery settings that matter").
 MAX_COUNTDOWN_S = 900.0
 
 # Deliveries per message. A message's posts all run at once (one posting thread each), so a
