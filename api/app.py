@@ -35,7 +35,7 @@ def _add_routes(app: FastAPI, router: APIRouter) -> None:
     """The router's routes, as the app's own.
 
     ``include_router`` would wrap the router in a matcher of its own, which costs a request
-    more than the database read behind ``GET /v1/webhooks/{id}`` (see bench/README.md). The
+    more than the database read behind ``GET /v1/webhooks/{id}`` (see docs/performance.md). The
     routers here add nothing at inclusion (no prefix, dependencies or lifespan of their own:
     each route already carries its path and tags), so their routes are added as they are.
     """

@@ -1,4 +1,4 @@
-"""Request and response shapes of the HTTP API (CONTRACT.md), and their JSON rendering.
+"""Request and response shapes of the HTTP API (docs/api.md), and their JSON rendering.
 
 Responses are rendered by hand into plain dicts (documented by the models below) so a hot
 GET pays for one dict, not a model validation round trip.

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/api_bench.py --duration 10
+    .venv/bin/python -m bench.api_bench --duration 10
 
 Targets, all measured with the same load generator, connection count, warm-up and duration:
 
@@ -39,12 +39,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/api_bench.py` puts bench/ first, not the root
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402 - after the path fix above
+from bench.common import (
     HOST,
+    ROOT,
     BenchError,
     Proc,
     cpu_s,

@@ -2,7 +2,7 @@
 
 Usage (from the repository root; PostgreSQL and Redis running)::
 
-    .venv/bin/python bench/delivery_bench.py --workers prefork:2,prefork:4,threads:4
+    .venv/bin/python -m bench.delivery_bench --workers prefork:2,prefork:4,threads:4
 
 For each worker setting, in one run:
 
@@ -51,12 +51,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/delivery_bench.py` puts bench/ first, not the root
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402 - after the path fix above
+from bench.common import (
     HOST,
+    ROOT,
     BenchError,
     Proc,
     cpu_snapshot,

@@ -3,8 +3,7 @@
 A chain is ``bench.floor.task1`` → ``task2`` → ``task3`` → ``task4``; each task enqueues the
 next with ``apply_async`` (as one ``operation.advance`` enqueues the next), and the last one
 appends ``[chain id, started, finished]`` (unix seconds) to a Redis list on the broker's own
-Redis database, which the benchmark reads back. ``bench.noop`` only counts itself there:
-``delivery_breakdown.py`` measures Celery's own cost per task with it.
+Redis database, which the benchmark reads back.
 
 The tasks are registered on the project's app (``workers.app.app``), so the broker, serializer,
 acks, prefetch and event settings are exactly Rotator's. Load them into a Rotator worker with::
@@ -23,11 +22,9 @@ from typing import Any
 
 from workers.app import app
 
-__all__ = ["DONE_KEY", "NOOP_COUNTER", "NOOP_TASK", "app", "floor_task1", "noop", "start_chain"]
+__all__ = ["DONE_KEY", "app", "floor_task1", "start_chain"]
 
 DONE_KEY = "bench:floor:done"
-NOOP_TASK = "bench.noop"  # delivery_breakdown.py: Celery's own cost per task
-NOOP_COUNTER = "bench:noop:done"
 
 _redis: Any = None
 
@@ -40,12 +37,6 @@ def _client() -> Any:
 
         _redis = redis.Redis.from_url(str(app.conf.broker_url))
     return _redis
-
-
-@app.task(name=NOOP_TASK)
-def noop() -> None:
-    """Does nothing but count itself (in the broker's Redis)."""
-    _client().incr(NOOP_COUNTER)
 
 
 @app.task(name="bench.floor.task4")

@@ -2,13 +2,11 @@
 
 Usage (from the repository root; PostgreSQL and Redis running; see bench/README.md)::
 
-    .venv/bin/python bench/migrate_bench.py                  # 500 migrations, about 1 minute
-    .venv/bin/python bench/migrate_bench.py --rounds 3       # floor, rotator, floor, ... x3
-    .venv/bin/python bench/migrate_bench.py --sequential     # API phase, then worker phase
-    .venv/bin/python bench/migrate_bench.py --py-spy         # + py-spy of the worker and API
-    .venv/bin/python bench/migrate_bench.py --probe          # + SQL/commit/publish per task
-    .venv/bin/python bench/migrate_bench.py --worker-module bench.tuned_worker \
-        --worker-args=--no-task-events                       # a prototype worker (bench only)
+    .venv/bin/python -m bench.migrate_bench                  # 500 migrations, about 1 minute
+    .venv/bin/python -m bench.migrate_bench --rounds 3       # floor, rotator, floor, ... x3
+    .venv/bin/python -m bench.migrate_bench --sequential     # API phase, then worker phase
+    .venv/bin/python -m bench.migrate_bench --py-spy         # + py-spy of the worker and API
+    .venv/bin/python -m bench.migrate_bench --probe          # + SQL/commit/publish per task
 
 One run:
 
@@ -70,14 +68,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/migrate_bench.py` puts bench/ first, not the root
-    sys.path.insert(0, str(ROOT))
-
-from bench import common  # noqa: E402 - after the path fix above
-from bench.common import (  # noqa: E402
+from bench import common
+from bench.common import (
     HOST,
     RESERVED_DATABASES,
+    ROOT,
     BenchError,
     cpu_snapshot,
     db_name,

@@ -1,7 +1,7 @@
 """Wall-clock time for every domain rule, in one place.
 
-Validity windows are decided when read (DESIGN invariant 5), so every rule asks this module
-for "now"; tests that move time do it here instead of sleeping.
+Validity windows are decided when read (docs/architecture.md, invariant 5), so every rule
+asks this module for "now"; tests that move time do it here instead of sleeping.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Secrets at rest (DESIGN invariant 6) and API-key hashing.
+"""Secrets at rest (docs/architecture.md, invariant 6 and "Secrets at rest") and API-key hashing.
 
 Ciphertext layout: version byte, 8-byte key id, 12-byte nonce, AES-256-GCM ciphertext+tag.
 The key id picks the decrypting key at once, so several configured keys cost nothing; the

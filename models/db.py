@@ -3,7 +3,7 @@
 ``Database.session()`` is the unit of work for API requests and worker tasks alike: it commits
 on success and rolls back on error. Work to do *after* a commit (publishing task messages) is
 registered with ``after_commit`` and runs only once the commit succeeded; a rollback drops it
-(DESIGN invariant 2).
+(docs/architecture.md, invariant 2).
 """
 
 from __future__ import annotations

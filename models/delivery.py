@@ -1,4 +1,4 @@
-"""Events, deliveries and the attempt log (CONTRACT §3).
+"""Events, deliveries and the attempt log (docs/architecture.md, "Deliveries").
 
 An event fans out to one delivery per active endpoint subscribed to its type. A delivery is
 sent in attempts; each attempt is claimed in one transaction (so a duplicate message does
@@ -370,7 +370,7 @@ def close_probe(session: Session, delivery_id: uuid.UUID) -> None:
 
 
 def envelope_bytes(event: Event, api_version: str) -> bytes:
-    """The delivery body (CONTRACT "Signing"); identical across attempts of one delivery."""
+    """The delivery body (docs/receivers.md); identical across attempts of one delivery."""
     return json.dumps(
         {
             "id": event.id,

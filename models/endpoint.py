@@ -1,4 +1,4 @@
-"""Webhook endpoints and their signing secrets (CONTRACT §2).
+"""Webhook endpoints and their signing secrets (docs/api.md, "Endpoints").
 
 An endpoint's secret is 32 random bytes, shown base64-encoded exactly once (in the create and
 rotate responses) and otherwise kept only encrypted at rest.

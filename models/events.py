@@ -1,4 +1,4 @@
-"""Event types a platform publishes and endpoints subscribe to (CONTRACT §2)."""
+"""Event types a platform publishes and endpoints subscribe to (docs/api.md, "Event types")."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Operations: safe migrate and the other rotations, as a durable state machine (CONTRACT §4–§5).
+"""Operations: safe migrate and other rotations, a durable state machine (docs/architecture.md).
 
 An operation is a row plus one row per step. ``begin_advance`` and ``finish_probe`` are the
 only transitions the workers make; each locks the operation, checks what is already done
-(DESIGN invariant 3), changes the rows, and says when to advance next. The HTTP request of a
+(invariant 3), changes the rows, and says when to advance next. The HTTP request of a
 test delivery happens between them, outside any transaction: ``begin_advance`` claims the
 attempt, ``finish_probe`` records its outcome, each in its own transition's transaction.
 Each step runs its queries before it changes the operation and step rows, so a transition

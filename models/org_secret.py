@@ -1,4 +1,4 @@
-"""The organization's signing secret, and its grace window (CONTRACT §3, DESIGN "Org secret").
+"""The organization's signing secret, and its grace window (docs/architecture.md).
 
 Rows per organization: at most one ``current`` and one ``previous``, enforced by partial unique
 indexes. Whether the previous secret still signs is decided when read (``valid_until > now``),

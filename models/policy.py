@@ -1,4 +1,4 @@
-"""Rotation policies: scheduled periodic rotation, driven by beat (CONTRACT §6).
+"""Rotation policies: scheduled periodic rotation, driven by beat (docs/api.md).
 
 Each due policy starts exactly one operation per due time: the tick locks due rows with
 ``FOR UPDATE SKIP LOCKED`` and the operation carries (policy, due time) under a unique

@@ -1,6 +1,6 @@
 """Both delivery signature schemes, in the one place the sender and every receiver share.
 
-Rotator signs each delivery twice with the endpoint key (CONTRACT §3 "Signing"):
+Rotator signs each delivery twice with the endpoint key (docs/receivers.md):
 
 - AmCore: ``X-AmCore-Signature: t=<t>,v1=<hex HMAC-SHA256(key, "<t>\\n<body>")>``, plus
   ``X-AmCore-Org-Signature`` in the same shape with one ``v1`` per valid org key.
@@ -42,7 +42,7 @@ WEBHOOK_TIMESTAMP_HEADER = "webhook-timestamp"
 WEBHOOK_SIGNATURE_HEADER = "webhook-signature"
 
 WHSEC_PREFIX = "whsec_"
-# Rotator's own secrets: 32 random bytes, standard base64 (CONTRACT §2).
+# Rotator's own secrets: 32 random bytes, standard base64 (docs/api.md, "Endpoints").
 ROTATOR_SECRET_BYTES = 32
 # Standard Webhooks allows secrets of 24 to 64 bytes behind the "whsec_" prefix.
 WHSEC_MIN_BYTES = 24

@@ -1,4 +1,4 @@
-"""``rotator``: the one command-line entry point (DESIGN "Command line")."""
+"""``rotator``: the one command-line entry point (docs/operating.md, "Command line")."""
 
 from __future__ import annotations
 

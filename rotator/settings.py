@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     # Safe migrate: test deliveries back off from the first wait, doubling up to the last.
     migrate_backoff_initial_seconds: float = Field(default=5.0, gt=0)
     migrate_backoff_max_seconds: float = Field(default=60.0, gt=0)
-    # The shortest rotation-policy interval accepted (CONTRACT: 60; tests shorten it).
+    # The shortest rotation-policy interval accepted (docs/api.md: 60; tests shorten it).
     policy_min_interval_seconds: int = Field(default=60, ge=1)
     # How long a scheduled safe migrate waits for its receiver before rolling back.
     scheduled_migrate_deadline_seconds: int = Field(default=86_400, ge=60, le=86_400)

@@ -1,6 +1,6 @@
-"""Shapes fixed by CONTRACT.md, written out once for the tests that check responses."""
+"""Shapes fixed by the API (docs/api.md), written out once for the tests that check responses."""
 
-# CONTRACT §5: the Operation object and its steps.
+# docs/api.md, "Operations": the Operation object and its steps.
 OPERATION_FIELDS = {
     "id",
     "org_id",

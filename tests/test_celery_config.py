@@ -1,4 +1,4 @@
-"""DESIGN "Celery settings that matter", asserted on the app the workers run."""
+"""docs/architecture.md, "Celery settings that matter", asserted on the app the workers run."""
 
 from workers.app import (
     CONTROL_QUEUE,

@@ -1,8 +1,8 @@
 """docker-compose.yml and the Dockerfile, checked without a Docker engine.
 
 The files are parsed (YAML, and the Dockerfile's instructions) and their structure asserted:
-the services DESIGN "Two ways to run" names, health checks, start-up order, one beat, no
-literal secrets, and commands that the ``rotator`` command line really accepts.
+the services docs/operating.md ("Running Rotator") names, health checks, start-up order, one
+beat, no literal secrets, and commands that the ``rotator`` command line really accepts.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""DESIGN invariant 2: a message is published only after the commit that made its work visible,
-and dropped when the transaction rolls back. Messages carry ids only."""
+"""Invariant 2 (docs/architecture.md): a message is published only after the commit that made
+its work visible, and dropped when the transaction rolls back. Messages carry ids only."""
 
 import uuid
 

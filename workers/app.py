@@ -1,7 +1,7 @@
 """The Celery application, configured from ``Settings`` and nowhere else.
 
-The values below are the ones DESIGN "Celery settings that matter" asks for; a test asserts
-them. Messages carry ids only; the database is the truth.
+The values below are the ones docs/architecture.md ("Celery settings that matter") lists; a
+test asserts them. Messages carry ids only; the database is the truth.
 """
 
 from __future__ import annotations

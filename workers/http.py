@@ -3,7 +3,7 @@
 Every webhook delivery (test deliveries included) goes through :class:`Sender`, so the rules
 that keep a delivery safe live here and nowhere else:
 
-* Redirects are never followed: a 3xx is a failed delivery (CONTRACT §3), and following one
+* Redirects are never followed: a 3xx is a failed delivery (docs/receivers.md), and following one
   would let a receiver bounce our signed request to an address we never checked.
 * Outside ``allow_insecure`` (``ROTATOR_ALLOW_INSECURE_URLS``), only ``https://`` URLs are sent,
   and only to globally routable addresses. The check runs on the address the socket actually

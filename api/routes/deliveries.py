@@ -1,4 +1,4 @@
-"""/v1/webhooks/deliveries: the attempt log, and replay (CONTRACT §3)."""
+"""/v1/webhooks/deliveries: the attempt log, and replay (docs/api.md, "Delivery log and replay")."""
 
 from __future__ import annotations
 

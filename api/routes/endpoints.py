@@ -1,4 +1,4 @@
-"""/v1/webhooks: endpoints and their secrets (CONTRACT §2). Parse, authorize, call, render."""
+"""/v1/webhooks: endpoints and their secrets (docs/api.md). Parse, authorize, call, render."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Safe migrate and the operations API operators watch (CONTRACT §4–§5)."""
+"""Safe migrate and the operations API operators watch (docs/api.md, "Operations")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""/v1/webhook-secret: the organization's signing secret (CONTRACT §3)."""
+"""/v1/webhook-secret: the organization's signing secret (docs/api.md, "Organization secret")."""
 
 from __future__ import annotations
 

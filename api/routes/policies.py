@@ -1,4 +1,4 @@
-"""/v1/rotation-policies: scheduled periodic rotation (CONTRACT §6)."""
+"""/v1/rotation-policies: scheduled periodic rotation (docs/api.md, "Rotation policies")."""
 
 from __future__ import annotations
 

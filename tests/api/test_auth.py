@@ -1,4 +1,4 @@
-"""Authentication, scopes and request ids (CONTRACT §1)."""
+"""Authentication, scopes and request ids (docs/api.md, "Authentication and scopes")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""/v1/webhooks: shapes, validation, tenancy, pagination, the cap and secrets (CONTRACT §1-§2)."""
+"""/v1/webhooks: shapes, validation, tenancy, pagination, the cap and secrets (docs/api.md)."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def insecure(settings):
         yield changed
 
 
-# --- idempotency (DESIGN invariant 3) ---------------------------------------------------------
+# --- idempotency (docs/architecture.md, invariant 3) ------------------------------------------
 
 
 def test_attempt_twice_sends_once(database, insecure):

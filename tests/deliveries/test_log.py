@@ -1,4 +1,4 @@
-"""GET /v1/webhooks/deliveries[/{id}]: the attempt log, its filters and its pages (CONTRACT §3)."""
+"""GET /v1/webhooks/deliveries[/{id}]: the attempt log, its filters and its pages (docs/api.md)."""
 
 from __future__ import annotations
 

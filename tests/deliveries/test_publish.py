@@ -1,4 +1,4 @@
-"""POST /v1/events and ``models.delivery.publish``: who gets a delivery (CONTRACT §3)."""
+"""POST /v1/events and ``models.delivery.publish``: who gets a delivery (docs/api.md, "Events")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""POST /v1/webhooks/deliveries/{id}/replay: same data, fresh event id, 10/min (CONTRACT §3)."""
+"""POST /v1/webhooks/deliveries/{id}/replay: same data, fresh event id, 10/min (docs/api.md)."""
 
 from __future__ import annotations
 

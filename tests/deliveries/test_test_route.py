@@ -1,4 +1,4 @@
-"""POST /v1/webhooks/{id}/test: a signed ``webhook.test`` sent synchronously (CONTRACT §2)."""
+"""POST /v1/webhooks/{id}/test: a signed ``webhook.test`` sent synchronously (docs/api.md)."""
 
 from __future__ import annotations
 

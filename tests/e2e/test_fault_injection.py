@@ -2,9 +2,10 @@
 
 Real pass only. The module runs its own ``redis-server`` (so flushing it touches nobody else),
 its own ``rotator beat`` for the module and a ``rotator worker`` per test, all on the pass's
-PostgreSQL. Whatever is killed or lost, the database is the truth (DESIGN invariant 1): the
+PostgreSQL. Whatever is killed or lost, the database is the truth (invariant 1): the
 reconciler re-sends what was lost, every step checks what is already done (invariant 3), and
-the migration ends with exactly one live endpoint, the new one (invariant 4).
+the migration ends with exactly one live endpoint, the new one (invariant 4). The invariants
+are listed in docs/architecture.md.
 """
 
 from __future__ import annotations

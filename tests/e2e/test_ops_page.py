@@ -38,8 +38,8 @@ E2E_OVERRIDES = {"migrate_backoff_initial_seconds": 0.2, "migrate_backoff_max_se
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACT = ROOT / "test-artifacts" / "ops-page.png"
-# The README's copy is committed: rewritten only when missing or asked for, so that a test run
-# does not leave a changed file in the working tree every time.
+# The docs' copy (docs/operating.md) is committed: rewritten only when missing or asked for, so
+# a test run does not leave a changed file in the working tree every time.
 DOCS_SCREENSHOT = ROOT / "docs" / "ops-page.png"
 UPDATE_DOCS = os.environ.get("ROTATOR_UPDATE_SCREENSHOTS") == "1"
 

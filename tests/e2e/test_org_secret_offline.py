@@ -1,5 +1,5 @@
 """Worker and beat stopped across ``valid_until``: nothing signs with the expired secret, and
-once they run the row is marked expired within one sweep (DESIGN invariant 5)."""
+once they run the row is marked expired within one sweep (docs/architecture.md, invariant 5)."""
 
 import time
 

@@ -1,6 +1,6 @@
 """Safe migrate end to end, every way out: a real worker and beat, a real receiver on loopback.
 
-The deadline cases start with ``deadline_seconds=60`` (the API's minimum, CONTRACT §4) and then
+The deadline cases start with ``deadline_seconds=60`` (the API's minimum, docs/api.md) and then
 move the operation's ``deadline_at`` a couple of seconds ahead straight in the database: the
 workers read that column on every advance, so this is exactly what a minute passing would do,
 without making the suite wait a minute.

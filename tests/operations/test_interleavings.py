@@ -1,4 +1,4 @@
-"""Safe migrate under arbitrary interleavings (DESIGN invariants 1, 3 and 4), at the domain level.
+"""Safe migrate under arbitrary interleavings (docs/architecture.md, invariants 1, 3 and 4).
 
 Hypothesis draws a handoff mode (none, or in-band: the receiver installs the new secret itself)
 and a sequence of what can happen to a running migration: the worker advances it (sometimes

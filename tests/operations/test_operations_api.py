@@ -1,4 +1,4 @@
-"""The safe-migrate and operations API (CONTRACT §4–§5), without a worker.
+"""The safe-migrate and operations API (docs/api.md, "Safe migrate", "Operations"), no worker.
 
 Nothing consumes the ``operation.advance`` messages these requests publish; where a test needs
 an operation further along, it runs the domain's steps itself.

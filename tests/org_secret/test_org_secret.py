@@ -1,4 +1,4 @@
-"""The organization secret and its grace window (CONTRACT §3, DESIGN invariant 5)."""
+"""The organization secret and its grace window (docs/architecture.md, invariant 5)."""
 
 import base64
 import threading

@@ -1,4 +1,4 @@
-"""/v1/rotation-policies: shapes, validation, one per target, scopes, tenancy (CONTRACT §6)."""
+"""/v1/rotation-policies: shapes, validation, one per target, scopes, tenancy (docs/api.md)."""
 
 from __future__ import annotations
 
