@@ -60,8 +60,8 @@ def sender_for(db: Database) -> Sender:
         senders = _local.senders = {}
     sender = senders.get(key)
     if sender is None:
-        sender = senders[key] = Sender(
-            timeout_s=key[0], allow_insecure=key[1], max_connections=CONNECTIONS_PER_THREAD
+        sender = senders[key] = Sender.from_settings(
+            settings, max_connections=CONNECTIONS_PER_THREAD
         )
     return sender
 
