@@ -121,6 +121,17 @@ class Settings(BaseSettings):
                 ) from None
         return networks
 
+    @model_validator(mode="after")
+    def _no_insecure_urls_in_production(self) -> Settings:
+        if self.env == "production" and self.allow_insecure_urls:
+            raise ValueError(
+                "ROTATOR_ALLOW_INSECURE_URLS=true is refused when ROTATOR_ENV=production: it "
+                "allows plain http:// and every loopback, link-local and private address. To "
+                "deliver to receivers on a private network, list their networks in "
+                "ROTATOR_ALLOWED_PRIVATE_NETWORKS (CIDRs, comma separated) instead"
+            )
+        return self
+
     @field_validator("encryption_keys", mode="before")
     @classmethod
     def _keys_from_csv(cls, value: object) -> object:

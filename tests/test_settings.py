@@ -103,3 +103,21 @@ def test_invalid_allowed_private_networks_are_refused_by_name(monkeypatch, bad, 
     assert f"ROTATOR_ALLOWED_PRIVATE_NETWORKS entry #2 {problem}" in message
     assert bad not in message  # the value is never repeated
     assert "192.168.0.0/16" not in message
+
+
+def test_production_refuses_insecure_urls(monkeypatch, tmp_path):
+    monkeypatch.setenv("ROTATOR_ENV", "production")
+    monkeypatch.setenv("ROTATOR_ALLOW_INSECURE_URLS", "true")
+    with pytest.raises(ValidationError) as refused:
+        Settings(data_dir=tmp_path)
+    message = str(refused.value)
+    assert "ROTATOR_ALLOW_INSECURE_URLS=true is refused when ROTATOR_ENV=production" in message
+    assert "ROTATOR_ALLOWED_PRIVATE_NETWORKS" in message
+    # Production with private networks listed instead starts; so do the other environments.
+    monkeypatch.setenv("ROTATOR_ALLOW_INSECURE_URLS", "false")
+    monkeypatch.setenv("ROTATOR_ALLOWED_PRIVATE_NETWORKS", "10.0.0.0/8")
+    assert Settings(data_dir=tmp_path).allowed_private_networks == [
+        ipaddress.ip_network("10.0.0.0/8")
+    ]
+    for env in ("development", "test"):
+        assert Settings(env=env, allow_insecure_urls=True).allow_insecure_urls
