@@ -154,7 +154,9 @@ def prepare_rotator(rotator: str, database_url: str, broker_url: str) -> Setup:
         ROTATOR_DATABASE_URL=database_url,
         ROTATOR_BROKER_URL=broker_url,
         ROTATOR_ENCRYPTION_KEYS=key,
-        ROTATOR_ENV="production",
+        # Not "production": it refuses ROTATOR_ALLOW_INSECURE_URLS, which the loopback
+        # http:// receiver needs; the environment changes nothing else once a key is given.
+        ROTATOR_ENV="test",
         ROTATOR_ALLOW_INSECURE_URLS="true",
         ROTATOR_LOG_LEVEL=os.environ.get("ROTATOR_LOG_LEVEL", "WARNING"),
     )

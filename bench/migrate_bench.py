@@ -952,7 +952,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             recreate_database(args.database_url)
             flush_broker(args.broker_url)
             env.update(
-                ROTATOR_ENV="production",
+                # Not "production": it refuses ROTATOR_ALLOW_INSECURE_URLS, which the
+                # loopback http:// receiver needs; nothing else differs once a key is given.
+                ROTATOR_ENV="test",
                 ROTATOR_DATABASE_URL=args.database_url,
                 ROTATOR_BROKER_URL=args.broker_url,
                 ROTATOR_ALLOW_INSECURE_URLS="true",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
 import os
 import secrets
@@ -35,7 +36,11 @@ def _split_csv(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ROTATOR_", extra="ignore")
+    # hide_input_in_errors: a refused value (an encryption key, a URL with credentials) is
+    # never repeated in the error that reports it; the messages name the variable instead.
+    model_config = SettingsConfigDict(
+        env_prefix="ROTATOR_", extra="ignore", hide_input_in_errors=True
+    )
 
     env: Literal["development", "test", "production"] = "development"
     data_dir: Path = DEFAULT_DATA_DIR
@@ -94,6 +99,50 @@ class Settings(BaseSettings):
     # A pooled connection idle longer than this is pinged before use (one round trip); busier
     # ones are not: a server restart then costs one failed unit of work, not a ping per use.
     db_ping_after_idle_seconds: float = Field(default=10.0, ge=0)
+
+    # Private networks (CIDRs, comma separated) that https:// deliveries may reach although
+    # they are not globally routable, for receivers inside the operator's own network; checked
+    # on the address connected to, like every other destination (workers/http.py).
+    allowed_private_networks: Annotated[
+        list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode
+    ] = Field(default_factory=list)
+
+    @field_validator("allowed_private_networks", mode="before")
+    @classmethod
+    def _networks_from_csv(cls, value: object) -> object:
+        entries = _split_csv(value)
+        if not isinstance(entries, list):
+            return entries
+        networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for index, entry in enumerate(entries):
+            if isinstance(entry, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                networks.append(entry)
+                continue
+            try:
+                networks.append(ipaddress.ip_network(str(entry)))
+            except ValueError:
+                # Named by position, never repeated: settings errors end up in logs.
+                try:
+                    ipaddress.ip_network(str(entry), strict=False)
+                except ValueError:
+                    problem = "is not an IP network in CIDR notation (like 10.0.0.0/8)"
+                else:
+                    problem = "has host bits set (write the network address, like 10.0.0.0/8)"
+                raise ValueError(
+                    f"ROTATOR_ALLOWED_PRIVATE_NETWORKS entry #{index + 1} {problem}"
+                ) from None
+        return networks
+
+    @model_validator(mode="after")
+    def _no_insecure_urls_in_production(self) -> Settings:
+        if self.env == "production" and self.allow_insecure_urls:
+            raise ValueError(
+                "ROTATOR_ALLOW_INSECURE_URLS=true is refused when ROTATOR_ENV=production: it "
+                "allows plain http:// and every loopback, link-local and private address. To "
+                "deliver to receivers on a private network, list their networks in "
+                "ROTATOR_ALLOWED_PRIVATE_NETWORKS (CIDRs, comma separated) instead"
+            )
+        return self
 
     @field_validator("encryption_keys", mode="before")
     @classmethod

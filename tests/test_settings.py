@@ -1,4 +1,5 @@
 import base64
+import ipaddress
 import stat
 
 import pytest
@@ -67,3 +68,56 @@ def test_the_production_cli_refuses_to_start_without_a_key(tmp_path, monkeypatch
         get_settings.cache_clear()
     assert "ROTATOR_ENCRYPTION_KEYS is required in production" in capsys.readouterr().err
     assert not (tmp_path / "p.db").exists()
+
+
+def test_allowed_private_networks_from_csv():
+    settings = Settings(allowed_private_networks=" 10.0.0.0/8,fd00::/8 ,, 192.168.7.9 ")
+    assert settings.allowed_private_networks == [
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("fd00::/8"),
+        ipaddress.ip_network("192.168.7.9/32"),  # a bare address is a one-address network
+    ]
+    assert Settings().allowed_private_networks == []
+
+
+def test_allowed_private_networks_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ROTATOR_ALLOWED_PRIVATE_NETWORKS", "172.16.0.0/12")
+    assert Settings().allowed_private_networks == [ipaddress.ip_network("172.16.0.0/12")]
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        ("10.0.0.0/33", "is not an IP network in CIDR notation"),
+        ("intranet.example", "is not an IP network in CIDR notation"),
+        ("10.0.0.0/8/8", "is not an IP network in CIDR notation"),
+        ("10.1.2.3/8", "has host bits set"),
+        ("fd00::1/8", "has host bits set"),
+    ],
+)
+def test_invalid_allowed_private_networks_are_refused_by_name(monkeypatch, bad, problem):
+    monkeypatch.setenv("ROTATOR_ALLOWED_PRIVATE_NETWORKS", f"192.168.0.0/16,{bad}")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    message = str(refused.value)
+    assert f"ROTATOR_ALLOWED_PRIVATE_NETWORKS entry #2 {problem}" in message
+    assert bad not in message  # the value is never repeated
+    assert "192.168.0.0/16" not in message
+
+
+def test_production_refuses_insecure_urls(monkeypatch, tmp_path):
+    monkeypatch.setenv("ROTATOR_ENV", "production")
+    monkeypatch.setenv("ROTATOR_ALLOW_INSECURE_URLS", "true")
+    with pytest.raises(ValidationError) as refused:
+        Settings(data_dir=tmp_path)
+    message = str(refused.value)
+    assert "ROTATOR_ALLOW_INSECURE_URLS=true is refused when ROTATOR_ENV=production" in message
+    assert "ROTATOR_ALLOWED_PRIVATE_NETWORKS" in message
+    # Production with private networks listed instead starts; so do the other environments.
+    monkeypatch.setenv("ROTATOR_ALLOW_INSECURE_URLS", "false")
+    monkeypatch.setenv("ROTATOR_ALLOWED_PRIVATE_NETWORKS", "10.0.0.0/8")
+    assert Settings(data_dir=tmp_path).allowed_private_networks == [
+        ipaddress.ip_network("10.0.0.0/8")
+    ]
+    for env in ("development", "test"):
+        assert Settings(env=env, allow_insecure_urls=True).allow_insecure_urls

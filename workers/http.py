@@ -6,10 +6,16 @@ that keep a delivery safe live here and nowhere else:
 * Redirects are never followed: a 3xx is a failed delivery (docs/receivers.md), and following one
   would let a receiver bounce our signed request to an address we never checked.
 * Outside ``allow_insecure`` (``ROTATOR_ALLOW_INSECURE_URLS``), only ``https://`` URLs are sent,
-  and only to globally routable addresses. The check runs on the address the socket actually
+  and only to globally routable addresses or to the networks listed in ``allowed_networks``
+  (``ROTATOR_ALLOWED_PRIVATE_NETWORKS``). The check runs on the address the socket actually
   connects to (see :class:`GuardedBackend`), not on the hostname string, so a DNS name that
   resolves to ``127.0.0.1``, or one that changes its answer between a check and the connect
   (DNS rebinding), cannot reach the metadata service or the worker's own network.
+* Every request has a total deadline, ``timeout_s`` from the start of ``post`` to the last byte
+  kept (docs/operating.md, Isolation): a receiver that drips its headers one byte at a time,
+  never finishes them, or streams an endless body cannot hold a posting thread longer than
+  that. httpx only bounds each single read, write or connect, so :class:`GuardedBackend`
+  hands httpcore streams that shorten every socket operation to the time left.
 * The response body is only read far enough to keep a short excerpt for operators: a receiver
   cannot make a worker download a gigabyte.
 * ``post`` never raises: every failure becomes a :class:`SendResult` whose ``error`` is a short
@@ -23,16 +29,22 @@ import ipaddress
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from functools import cache
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import httpcore
 import httpx
+
+if TYPE_CHECKING:
+    from rotator.settings import Settings
 
 __all__ = [
     "EXCERPT_BYTES",
@@ -57,6 +69,7 @@ _RETRY_AFTER_STATUSES = frozenset({429, 503})
 _DELTA_SECONDS = re.compile(r"[0-9]{1,10}")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Ranges Python's ``ipaddress`` flags (or, on 3.11, fails to flag) in ways worth naming or
 # checking explicitly.
@@ -72,7 +85,8 @@ class SendResult:
     status: int | None
     """HTTP status, or None when no response arrived."""
     elapsed_ms: int
-    """Wall time of the whole attempt (connect, send, status, excerpt)."""
+    """Wall time of the whole attempt (connect, send, status, excerpt); about ``timeout_s`` at
+    most, since the deadline covers all of it."""
     body_excerpt: str
     """The first EXCERPT_BYTES bytes of the response body, decoded as UTF-8 with replacement."""
     error: str | None
@@ -154,6 +168,34 @@ def blocked_reason(address: str | IPAddress) -> str | None:
     return None
 
 
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _as_network(network: IPNetwork | str) -> IPNetwork:
+    """``network`` parsed; an IPv4-mapped IPv6 network becomes the IPv4 network it maps,
+    since mapped addresses are judged by their IPv4 address."""
+    parsed = ipaddress.ip_network(network)
+    if isinstance(parsed, ipaddress.IPv6Network) and parsed.subnet_of(_IPV4_MAPPED):
+        return ipaddress.IPv4Network(
+            (int(parsed.network_address) & 0xFFFFFFFF, parsed.prefixlen - 96)
+        )
+    return parsed
+
+
+def _in_networks(address: str, networks: Sequence[IPNetwork]) -> bool:
+    """Whether ``address`` lies in one of ``networks``; an IPv4-mapped IPv6 address
+    (``::ffff:a.b.c.d``) is judged by its IPv4 address, as :func:`blocked_reason` does."""
+    if not networks:
+        return False
+    try:
+        parsed: IPAddress = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
+    return any(parsed in network for network in networks)  # False across IP versions
+
+
 def resolve_host(host: str, port: int) -> list[str]:
     """Every TCP address ``host`` resolves to, in resolver order, without duplicates.
 
@@ -171,30 +213,155 @@ def resolve_host(host: str, port: int) -> list[str]:
     return addresses
 
 
+_deadline: ContextVar[float | None] = ContextVar("rotator_request_deadline", default=None)
+"""``time.monotonic()`` by which the current thread's request must be over; set by
+:meth:`Sender.post` for the duration of one request, None outside one."""
+
+
+def _bounded(timeout: float | None, expired: type[httpcore.TimeoutException]) -> float | None:
+    """``timeout`` shortened to the time left before the current request's deadline; raises
+    ``expired`` once it has passed. Unchanged outside a request with a deadline."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return timeout
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise expired("request deadline passed")
+    return remaining if timeout is None else min(timeout, remaining)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection's stream whose every operation ends by the current request's deadline.
+
+    httpcore calls ``read``/``write``/``start_tls`` with the per-operation timeouts httpx was
+    given; each call here gets at most the time left, so however the receiver paces its
+    bytes, the request ends on time. A request that runs out raises httpcore's own timeout
+    exceptions, so httpcore closes the connection instead of pooling it half-read.
+    """
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _bounded(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        sock = self._inner.get_extra_info("socket")
+        if _deadline.get() is None or not isinstance(sock, socket.socket):
+            self._inner.write(buffer, _bounded(timeout, httpcore.WriteTimeout))
+            return
+        # httpcore's own write loop re-arms the full timeout before every send(), so a
+        # receiver that takes a few bytes at a time could stretch it without end; this loop
+        # gives each send() only the time left.
+        view = memoryview(buffer)
+        while view:
+            sock.settimeout(_bounded(timeout, httpcore.WriteTimeout))
+            try:
+                sent = sock.send(view)
+            except TimeoutError as exc:
+                raise httpcore.WriteTimeout("write timed out") from exc
+            except OSError as exc:
+                raise httpcore.WriteError("write failed") from exc
+            view = view[sent:]
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        try:
+            bounded = _bounded(timeout, httpcore.ConnectTimeout)
+        except httpcore.ConnectTimeout:
+            self._inner.close()
+            raise
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, bounded))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+def _resolve_within(
+    resolve: Callable[[str, int], Sequence[str]], host: str, port: int, timeout: float | None
+) -> list[str]:
+    """``resolve(host, port)``, given up after ``timeout`` seconds.
+
+    ``getaddrinfo`` takes no timeout, and a receiver's own name servers decide how slowly it
+    answers (tens of seconds with the resolver's retries), so names are resolved on a helper
+    thread the request stops waiting for at its deadline; the thread ends when the resolver
+    gives up. IP literals, which need no lookup, are resolved in place.
+    """
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return list(resolve(host, port))
+    if timeout is None:
+        return list(resolve(host, port))
+
+    outcome: list[list[str] | BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append(list(resolve(host, port)))
+        except BaseException as exc:  # handed to the waiting thread
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="delivery-dns", daemon=True).start()
+    if not done.wait(timeout):
+        raise httpcore.ConnectTimeout("dns resolution timed out")
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 class GuardedBackend(httpcore.NetworkBackend):
     """An httpcore network backend that connects only to allowed addresses.
 
     httpcore calls ``connect_tcp(host, port)`` with the URL's hostname; this backend resolves
-    it once, drops every address :func:`blocked_reason` refuses, and hands a *literal IP* to
-    the wrapped backend, so the address checked is the address connected to. TLS is
-    unaffected: httpcore passes the original hostname to ``start_tls`` as ``server_hostname``,
-    so SNI and certificate verification still use the name from the URL.
+    it once, drops every address :func:`blocked_reason` refuses (unless it lies in one of
+    ``allowed_networks``), and hands a *literal IP* to the wrapped backend, so the address
+    checked is the address connected to. TLS is unaffected: httpcore passes the original
+    hostname to ``start_tls`` as ``server_hostname``, so SNI and certificate verification
+    still use the name from the URL.
 
     Allowed addresses are tried in resolver order within one shared connect timeout, like
     ``socket.create_connection``: a receiver whose AAAA record is unreachable from the
-    worker still gets its delivery over IPv4.
+    worker still gets its delivery over IPv4. Resolution and connect end by the current
+    request's deadline, and the streams returned keep to it (:class:`_DeadlineStream`).
     """
 
     def __init__(
         self,
         *,
         allow_private: bool,
+        allowed_networks: Iterable[IPNetwork | str] = (),
         inner: httpcore.NetworkBackend | None = None,
         resolve: Callable[[str, int], Sequence[str]] = resolve_host,
     ) -> None:
         self.allow_private = allow_private
+        self.allowed_networks: tuple[IPNetwork, ...] = tuple(
+            _as_network(network) for network in allowed_networks
+        )
         self._inner = inner if inner is not None else httpcore.SyncBackend()
         self._resolve = resolve
+
+    def refusal(self, address: str) -> str | None:
+        """Why this backend will not connect to ``address``, or None when it will."""
+        if self.allow_private:
+            return None
+        reason = blocked_reason(address)
+        if reason is not None and _in_networks(address, self.allowed_networks):
+            return None
+        return reason
 
     def connect_tcp(
         self,
@@ -204,8 +371,10 @@ class GuardedBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.NetworkStream:
+        timeout = _bounded(timeout, httpcore.ConnectTimeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            addresses = list(self._resolve(host, port))
+            addresses = _resolve_within(self._resolve, host, port, timeout)
         except (OSError, UnicodeError) as exc:
             raise ResolutionFailed("dns resolution failed") from exc
         if not addresses:
@@ -214,7 +383,7 @@ class GuardedBackend(httpcore.NetworkBackend):
         allowed: list[str] = []
         first_reason: str | None = None
         for address in addresses:
-            reason = None if self.allow_private else blocked_reason(address)
+            reason = self.refusal(address)
             if reason is None:
                 allowed.append(address)
             elif first_reason is None:
@@ -222,7 +391,6 @@ class GuardedBackend(httpcore.NetworkBackend):
         if not allowed:
             raise BlockedDestination(first_reason or "no allowed address")
 
-        deadline = None if timeout is None else time.monotonic() + timeout
         last_error: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
         for address in allowed:
             remaining = timeout
@@ -231,7 +399,7 @@ class GuardedBackend(httpcore.NetworkBackend):
                 if remaining <= 0:
                     break
             try:
-                return self._inner.connect_tcp(
+                stream = self._inner.connect_tcp(
                     address,
                     port,
                     timeout=remaining,
@@ -240,6 +408,8 @@ class GuardedBackend(httpcore.NetworkBackend):
                 )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last_error = exc
+            else:
+                return _DeadlineStream(stream)
         if last_error is None:
             raise httpcore.ConnectTimeout("connect timed out")
         raise last_error
@@ -330,7 +500,9 @@ def _ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context(trust_env=False)
 
 
-def _build_transport(*, allow_private: bool, max_connections: int) -> httpx.HTTPTransport:
+def _build_transport(
+    *, allow_private: bool, allowed_networks: Iterable[IPNetwork | str], max_connections: int
+) -> httpx.HTTPTransport:
     """An HTTP/1.1 transport whose connections all go through :class:`GuardedBackend`.
 
     httpx.HTTPTransport does not accept a ``network_backend``, so we build it normally and
@@ -361,7 +533,9 @@ def _build_transport(*, allow_private: bool, max_connections: int) -> httpx.HTTP
         http1=True,
         http2=False,
         retries=0,
-        network_backend=GuardedBackend(allow_private=allow_private),
+        network_backend=GuardedBackend(
+            allow_private=allow_private, allowed_networks=allowed_networks
+        ),
     )
     return transport
 
@@ -369,13 +543,22 @@ def _build_transport(*, allow_private: bool, max_connections: int) -> httpx.HTTP
 class Sender:
     """Sends deliveries over one keep-alive HTTP/1.1 client.
 
-    ``allow_insecure`` permits ``http://`` URLs and every address (local receivers in dev
-    and tests). Thread-safe to the extent httpx.Client is: concurrent ``post`` calls share
-    the pool, up to ``max_connections`` connections, but contend for its lock, so
+    ``timeout_s`` bounds each whole request, connect to last byte kept. ``allow_insecure``
+    permits ``http://`` URLs and every address (local receivers in dev and tests);
+    ``allowed_networks`` (CIDRs) are private networks that ``https://`` deliveries may reach
+    anyway. Thread-safe to the extent httpx.Client is: concurrent ``post`` calls share the
+    pool, up to ``max_connections`` connections, but contend for its lock, so
     ``workers.deliveries`` keeps one Sender per sending thread.
     """
 
-    def __init__(self, *, timeout_s: float, allow_insecure: bool, max_connections: int = 20):
+    def __init__(
+        self,
+        *,
+        timeout_s: float,
+        allow_insecure: bool,
+        allowed_networks: Iterable[IPNetwork | str] = (),
+        max_connections: int = 20,
+    ):
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         if max_connections < 1:
@@ -383,7 +566,9 @@ class Sender:
         self.timeout_s = timeout_s
         self.allow_insecure = allow_insecure
         self._transport = _build_transport(
-            allow_private=allow_insecure, max_connections=max_connections
+            allow_private=allow_insecure,
+            allowed_networks=allowed_networks,
+            max_connections=max_connections,
         )
         self._client = httpx.Client(
             transport=self._transport,
@@ -394,12 +579,32 @@ class Sender:
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
         )
 
+    @classmethod
+    def from_settings(cls, settings: Settings, *, max_connections: int) -> Sender:
+        """A Sender configured the way the settings say every delivery is sent."""
+        return cls(
+            timeout_s=settings.delivery_timeout_seconds,
+            allow_insecure=settings.allow_insecure_urls,
+            allowed_networks=settings.allowed_private_networks,
+            max_connections=max_connections,
+        )
+
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> SendResult:
         """POST ``body`` with ``headers`` to ``url``; never raises.
 
         The headers and body are sent as given, except User-Agent, which is always ours.
+        Ends within about ``timeout_s`` whatever the receiver does; a request cut short
+        reports "timeout" (or "timeout while reading body", keeping the status and what
+        arrived of the body).
         """
         start = time.perf_counter()
+        token = _deadline.set(time.monotonic() + self.timeout_s)
+        try:
+            return self._post(url, body, headers, start)
+        finally:
+            _deadline.reset(token)
+
+    def _post(self, url: str, body: bytes, headers: Mapping[str, str], start: float) -> SendResult:
         status: int | None = None
         excerpt = bytearray()
         error: str | None = None

@@ -26,14 +26,18 @@ def sender_for(db: Database) -> Sender:
     shared client serialises them on its pool lock and scans every pooled connection per
     request, which cost a third more CPU per delivery than this."""
     settings = db.settings
-    key = (settings.delivery_timeout_seconds, settings.allow_insecure_urls)
-    senders: dict[tuple[float, bool], Sender] | None = getattr(_local, "senders", None)
+    key = (
+        settings.delivery_timeout_seconds,
+        settings.allow_insecure_urls,
+        tuple(settings.allowed_private_networks),
+    )
+    senders: dict[tuple[object, ...], Sender] | None = getattr(_local, "senders", None)
     if senders is None:
         senders = _local.senders = {}
     sender = senders.get(key)
     if sender is None:
-        sender = senders[key] = Sender(
-            timeout_s=key[0], allow_insecure=key[1], max_connections=CONNECTIONS_PER_THREAD
+        sender = senders[key] = Sender.from_settings(
+            settings, max_connections=CONNECTIONS_PER_THREAD
         )
     return sender
 

@@ -7,6 +7,7 @@ proves the guard acts on the connected address rather than on the URL text.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import ssl
 import threading
@@ -330,6 +331,348 @@ def test_ok_is_2xx_only() -> None:
     assert [result(s).ok for s in (None, 100, 199, 300, 302, 404, 500)] == [False] * 7
 
 
+# --- total deadline, against raw-socket receivers -------------------------------------------
+
+DEADLINE_S = 1.0
+# A liveness bound, not a speed claim: a request with a 1 s deadline is over well within this.
+LIVENESS_S = DEADLINE_S + 1.5
+# Receivers below give up after this long, so a broken deadline fails a test, not hangs it.
+GIVE_UP_S = 6.0
+
+
+class RawReceiver:
+    """A loopback TCP server that plays ``script(connection, index)`` on each accepted
+    connection (index counts from 0), for receivers no HTTP server library would imitate."""
+
+    def __init__(self, script: Callable[[socket.socket, int], None], *, accept: bool = True):
+        self.script = script
+        self.stop = threading.Event()
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.threads: list[threading.Thread] = []
+        self.accepted: list[socket.socket] = []
+        if accept:
+            self._start(self._accept_loop)
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _start(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _accept_loop(self) -> None:
+        self.listener.settimeout(0.05)
+        while not self.stop.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            index = self.connections
+            self.connections += 1
+            self.accepted.append(connection)
+            self._start(self._play, connection, index)
+
+    def _play(self, connection: socket.socket, index: int) -> None:
+        with connection:
+            try:
+                self.script(connection, index)
+            except OSError:
+                pass  # the client hung up: expected once its deadline passes
+
+    def paced(self, every_s: float) -> Iterator[None]:
+        """Yields every ``every_s`` seconds until stopped or GIVE_UP_S have passed."""
+        started = time.monotonic()
+        while not self.stop.wait(every_s) and time.monotonic() - started < GIVE_UP_S:
+            yield
+
+    def drip(self, connection: socket.socket, data: bytes, every_s: float) -> None:
+        """Send ``data`` one byte at a time, ``every_s`` apart (see :meth:`paced`)."""
+        for byte, _ in zip(data, self.paced(every_s), strict=False):
+            connection.sendall(bytes([byte]))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+        for connection in self.accepted:  # wakes scripts blocked reading a kept-alive one
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self.threads:
+            thread.join(5)
+
+
+def _read_request(connection: socket.socket) -> bytes:
+    """Read one request head and its Content-Length body (the Sender always sends one)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+ENDLESS_HEADERS = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: a\r\n" * 10_000
+
+
+@pytest.fixture
+def raw_receivers() -> Iterator[Callable[..., RawReceiver]]:
+    made: list[RawReceiver] = []
+
+    def make(script: Callable[[socket.socket, int], None], **kwargs: Any) -> RawReceiver:
+        made.append(RawReceiver(script, **kwargs))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def _timed_post(sender: Sender, url: str) -> tuple[SendResult, float]:
+    started = time.monotonic()
+    result = sender.post(url, b'{"n": 1}', {"Content-Type": "application/json"})
+    return result, time.monotonic() - started
+
+
+@pytest.fixture
+def deadline_sender() -> Iterator[Sender]:
+    with Sender(timeout_s=DEADLINE_S, allow_insecure=True) as sender:
+        yield sender
+
+
+def test_deadline_ends_a_status_line_dripped_byte_by_byte(
+    deadline_sender: Sender, raw_receivers: Callable[..., RawReceiver]
+) -> None:
+    """Each byte arrives well within the per-read timeout; only a total deadline ends it."""
+
+    def script(connection: socket.socket, index: int) -> None:
+        _read_request(connection)
+        server.drip(connection, ENDLESS_HEADERS, 0.3)
+
+    server = raw_receivers(script)
+    result, elapsed = _timed_post(deadline_sender, server.url())
+    assert (result.status, result.error, result.body_excerpt) == (None, "timeout", "")
+    assert elapsed < LIVENESS_S
+    assert result.elapsed_ms >= DEADLINE_S * 1000 - 50  # it did wait for the receiver
+
+
+def test_deadline_ends_headers_that_never_finish(
+    deadline_sender: Sender, raw_receivers: Callable[..., RawReceiver]
+) -> None:
+    def script(connection: socket.socket, index: int) -> None:
+        _read_request(connection)
+        connection.sendall(b"HTTP/1.1 200 OK\r\n")
+        for _ in server.paced(0.4):  # one whole header line at a time, never the end
+            connection.sendall(b"X-Pad: still going\r\n")
+
+    server = raw_receivers(script)
+    result, elapsed = _timed_post(deadline_sender, server.url())
+    assert (result.status, result.error) == (None, "timeout")
+    assert elapsed < LIVENESS_S
+
+
+def test_deadline_ends_an_endless_body_and_keeps_the_status(
+    deadline_sender: Sender, raw_receivers: Callable[..., RawReceiver]
+) -> None:
+    def script(connection: socket.socket, index: int) -> None:
+        _read_request(connection)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\nstart:")
+        server.drip(connection, b"x" * 1_000_000, 0.2)
+
+    server = raw_receivers(script)
+    result, elapsed = _timed_post(deadline_sender, server.url())
+    assert result.status == 200
+    assert result.error == "timeout while reading body"
+    assert result.body_excerpt.startswith("start:x")  # what arrived is kept
+    assert elapsed < LIVENESS_S
+
+
+def test_deadline_ends_a_chunked_body_that_never_ends(
+    deadline_sender: Sender, raw_receivers: Callable[..., RawReceiver]
+) -> None:
+    def script(connection: socket.socket, index: int) -> None:
+        _read_request(connection)
+        connection.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 9\r\n")
+        connection.sendall(b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in server.paced(0.2):
+            connection.sendall(b"1\r\ny\r\n")
+
+    server = raw_receivers(script)
+    result, elapsed = _timed_post(deadline_sender, server.url())
+    assert (result.status, result.retry_after_s) == (503, 9.0)
+    assert result.error == "timeout while reading body"
+    assert result.body_excerpt.startswith("yy")
+    assert elapsed < LIVENESS_S
+
+
+def test_deadline_ends_a_receiver_that_accepts_and_never_answers(
+    deadline_sender: Sender, raw_receivers: Callable[..., RawReceiver]
+) -> None:
+    def script(connection: socket.socket, index: int) -> None:
+        _read_request(connection)
+        server.stop.wait(GIVE_UP_S)
+
+    server = raw_receivers(script)
+    result, elapsed = _timed_post(deadline_sender, server.url())
+    assert (result.status, result.error) == (None, "timeout")
+    assert server.connections == 1
+    assert elapsed < LIVENESS_S
+
+
+def test_deadline_ends_a_receiver_that_never_accepts(
+    deadline_sender: Sender, raw_receivers: Callable[..., RawReceiver]
+) -> None:
+    """The kernel completes the handshake from the listen backlog; nobody ever reads."""
+    server = raw_receivers(lambda connection, index: None, accept=False)
+    result, elapsed = _timed_post(deadline_sender, server.url())
+    assert (result.status, result.error) == (None, "timeout")
+    assert elapsed < LIVENESS_S
+
+
+def test_deadline_ends_a_tls_handshake_dripped_byte_by_byte(
+    deadline_sender: Sender, raw_receivers: Callable[..., RawReceiver]
+) -> None:
+    # A TLS record header announcing a 16 KiB handshake record, then its bytes, slowly.
+    record = b"\x16\x03\x03\x40\x00" + b"\x02" * 0x4000
+
+    def script(connection: socket.socket, index: int) -> None:
+        connection.recv(65536)  # the ClientHello
+        server.drip(connection, record, 0.2)
+
+    server = raw_receivers(script)
+    url = f"https://127.0.0.1:{server.port}/"
+    result, elapsed = _timed_post(deadline_sender, url)
+    assert (result.status, result.error) == (None, "timeout")
+    assert elapsed < LIVENESS_S
+
+
+def test_deadline_bounds_a_slow_dns_answer(
+    monkeypatch: pytest.MonkeyPatch, deadline_sender: Sender, receiver: ReceiverServer
+) -> None:
+    answered = threading.Event()
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        if host == "slow.example":
+            answered.wait(GIVE_UP_S)  # a name server that does not answer
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", int(port)))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        result, elapsed = _timed_post(deadline_sender, receiver.url("/ok", host="slow.example"))
+    finally:
+        answered.set()
+    assert (result.status, result.error) == (None, "timeout")
+    assert elapsed < LIVENESS_S
+    assert receiver.connections == 0
+
+
+def test_deadline_ends_a_request_body_read_slowly(
+    deadline_sender: Sender, raw_receivers: Callable[..., RawReceiver]
+) -> None:
+    """Every send makes some progress, so no single write times out; the deadline does."""
+
+    def script(connection: socket.socket, index: int) -> None:
+        for _ in server.paced(0.05):
+            if not connection.recv(1 << 18):
+                return
+
+    server = raw_receivers(script)
+    started = time.monotonic()
+    result = deadline_sender.post(server.url(), b"x" * (64 << 20), {})
+    assert (result.status, result.error) == (None, "timeout")
+    assert time.monotonic() - started < LIVENESS_S
+
+
+def test_https_through_the_deadline_stream(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, raw_receivers: Callable[..., RawReceiver]
+) -> None:
+    """A whole request over TLS (a body of several records, a response) goes through the
+    deadline-keeping stream that start_tls returns; the client trusts our test certificate."""
+    import workers.http as http_module
+
+    cert_path, key_path = _self_signed_localhost(tmp_path)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert_path, key_path)
+    client_context = ssl.create_default_context(cafile=str(cert_path))
+    monkeypatch.setattr(http_module, "_ssl_context", lambda: client_context)
+    received: list[int] = []
+
+    def script(connection: socket.socket, index: int) -> None:
+        with server_context.wrap_socket(connection, server_side=True) as tls:
+            request = _read_request(tls)
+            received.append(len(request))
+            tls.sendall(OK_RESPONSE)
+
+    server = raw_receivers(script)
+    body = b"y" * 300_000
+    with Sender(timeout_s=5, allow_insecure=True) as sender:
+        result = sender.post(f"https://localhost:{server.port}/", body, {})
+    assert (result.status, result.error, result.body_excerpt) == (200, None, "ok")
+    assert len(received) == 1
+    assert received[0] > len(body)  # all of it arrived
+
+
+def test_a_timed_out_connection_is_not_reused(
+    deadline_sender: Sender, raw_receivers: Callable[..., RawReceiver]
+) -> None:
+    """The first connection is left mid-headers; had it gone back to the pool, the next
+    request would read the rest of its dripped headers as its own response."""
+
+    def script(connection: socket.socket, index: int) -> None:
+        while _read_request(connection):
+            if index == 0:
+                server.drip(connection, ENDLESS_HEADERS, 0.3)
+                return
+            connection.sendall(OK_RESPONSE)
+
+    server = raw_receivers(script)
+    first, _ = _timed_post(deadline_sender, server.url())
+    assert first.error == "timeout"
+    second, _ = _timed_post(deadline_sender, server.url())
+    assert (second.status, second.error, second.body_excerpt) == (200, None, "ok")
+    assert server.connections == 2
+    # The new connection, healthy, is kept alive as before.
+    assert deadline_sender.post(server.url(), b"{}", {}).ok
+    assert server.connections == 2
+
+
+def test_the_deadline_is_per_request(
+    deadline_sender: Sender, raw_receivers: Callable[..., RawReceiver]
+) -> None:
+    """Each post gets its whole timeout: requests on a kept-alive connection that together
+    last longer than the timeout all succeed."""
+
+    def script(connection: socket.socket, index: int) -> None:
+        while _read_request(connection):
+            server.stop.wait(0.4)
+            connection.sendall(OK_RESPONSE)
+
+    server = raw_receivers(script)
+    results = [deadline_sender.post(server.url(), b"{}", {}) for _ in range(4)]
+    assert [(r.status, r.error) for r in results] == [(200, None)] * 4
+    assert server.connections == 1
+
+
 # --- SSRF guard ----------------------------------------------------------------------------
 
 
@@ -471,6 +814,78 @@ def test_tls_uses_the_hostname_for_sni_and_verifies_the_certificate(
     assert server_names == ["localhost"]  # SNI carried the URL's name, not the IP
 
 
+@pytest.mark.parametrize(
+    ("allowed", "error"),
+    [
+        (["127.0.0.0/8"], "tls error: certificate verification failed"),  # connected
+        (["::ffff:127.0.0.1/128", "10.0.0.0/8"], "tls error: certificate verification failed"),
+        (["10.0.0.0/8", "fd00::/8"], "blocked destination: loopback address"),
+        ([], "blocked destination: loopback address"),
+    ],
+)
+def test_allowed_networks_are_reached_over_https(
+    tmp_path: Path, allowed: list[str], error: str
+) -> None:
+    """A strict Sender reaches a private (here: loopback) receiver only when its network is
+    listed; TLS and certificate checks still apply to it."""
+    cert_path, key_path = _self_signed_localhost(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    accepted: list[str] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(0.2)
+
+        def serve_one() -> None:
+            try:
+                connection, peer = listener.accept()
+            except OSError:
+                return  # nobody came: the destination was refused
+            accepted.append(peer[0])
+            try:
+                with context.wrap_socket(connection, server_side=True) as tls:
+                    tls.recv(1)
+            except (OSError, ssl.SSLError):
+                pass
+
+        thread = threading.Thread(target=serve_one, daemon=True)
+        thread.start()
+        port = listener.getsockname()[1]
+        with Sender(timeout_s=5, allow_insecure=False, allowed_networks=allowed) as sender:
+            result = sender.post(f"https://localhost:{port}/", b"{}", {})
+        thread.join(5)
+    assert (result.status, result.error) == (None, error)
+    assert accepted == ([] if error.startswith("blocked") else ["127.0.0.1"])
+
+
+def test_allowed_networks_do_not_unlock_http(receiver: ReceiverServer) -> None:
+    with Sender(timeout_s=5, allow_insecure=False, allowed_networks=["127.0.0.0/8"]) as sender:
+        result = sender.post(receiver.url("/ok"), b"{}", {})
+    assert result.error == "blocked destination: https required"
+    assert receiver.connections == 0
+
+
+def test_sender_from_settings() -> None:
+    from rotator.settings import Settings
+
+    settings = Settings(
+        delivery_timeout_seconds=3.5,
+        allow_insecure_urls=False,
+        allowed_private_networks="10.0.0.0/8, fd00::/8",
+    )
+    with Sender.from_settings(settings, max_connections=3) as sender:
+        assert (sender.timeout_s, sender.allow_insecure) == (3.5, False)
+        pool = getattr(sender._transport, "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        assert isinstance(backend, GuardedBackend)
+        assert backend.allowed_networks == (
+            ipaddress.ip_network("10.0.0.0/8"),
+            ipaddress.ip_network("fd00::/8"),
+        )
+        assert getattr(pool, "_max_connections", None) == 3
+        assert backend.refusal("10.9.8.7") is None
+        assert backend.refusal("192.168.1.1") == "private address"
+
+
 # --- GuardedBackend, no network -----------------------------------------------------------
 
 
@@ -526,6 +941,34 @@ def test_backend_allows_everything_when_insecure() -> None:
     backend = GuardedBackend(allow_private=True, inner=inner, resolve=_resolver("127.0.0.1"))
     backend.connect_tcp("localhost", 80, timeout=1)
     assert inner.calls == ["127.0.0.1"]
+
+
+def test_backend_allows_listed_private_networks_only() -> None:
+    inner = FakeInner()
+    backend = GuardedBackend(
+        allow_private=False,
+        allowed_networks=["10.0.0.0/8", "fd00::/8"],
+        inner=inner,
+        resolve=_resolver(
+            "10.1.2.3",  # listed
+            "192.168.0.5",  # private, not listed
+            "169.254.169.254",  # link-local, not listed
+            "127.0.0.1",  # loopback, not listed
+            "::ffff:10.1.2.4",  # IPv4-mapped, judged by its IPv4 address: listed
+            "fd12::1",  # listed
+            "::ffff:192.168.0.6",  # IPv4-mapped, not listed
+        ),
+    )
+    assert backend.refusal("10.1.2.3") is None
+    assert backend.refusal("::ffff:10.1.2.4") is None
+    assert backend.refusal("169.254.169.254") == "link-local address"
+    assert backend.refusal("::ffff:127.0.0.1") == "loopback address"
+    assert backend.refusal("93.184.216.34") is None  # public addresses stay allowed
+    # Every allowed address is tried in order until one connects; make them all fail.
+    inner.failing = {"10.1.2.3", "::ffff:10.1.2.4", "fd12::1"}
+    with pytest.raises(httpcore.ConnectError):
+        backend.connect_tcp("receiver.internal", 443, timeout=1)
+    assert inner.calls == ["10.1.2.3", "::ffff:10.1.2.4", "fd12::1"]
 
 
 def test_backend_reports_resolution_failures() -> None:
