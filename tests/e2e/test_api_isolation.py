@@ -1,10 +1,10 @@
 """One organization's hanging test deliveries cannot starve the API for everyone else.
 
-A real ``rotator api`` process (two uvicorn workers in the real pass, sharing PostgreSQL; one
-on the SQLite file in the embedded pass) and a receiver that drips its answer one header byte
-every 2 s. Organization A fires 50 concurrent ``POST /v1/webhooks/{id}/test`` at it: five hang
-(``ROTATOR_TEST_DELIVERIES_PER_ORG``, across processes), the rest are 429 at once, and while
-the five hang organization B's writes, reads and tests answer promptly.
+Real ``rotator api`` processes (two in the real pass, sharing PostgreSQL; one on the SQLite
+file in the embedded pass) and a receiver that drips its answer one header byte every 2 s.
+Organization A fires 50 concurrent ``POST /v1/webhooks/{id}/test`` at it, spread over the
+processes: five hang (``ROTATOR_TEST_DELIVERIES_PER_ORG``, across processes), the rest are 429
+at once, and while the five hang organization B's writes, reads and tests answer promptly.
 """
 
 from __future__ import annotations
@@ -36,43 +36,45 @@ PROMPTLY_S = 5.0  # a bounded wait for what must not be starved
 
 
 @pytest.fixture
-def api(e2e_settings, tmp_path) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path / "api.log"
+def apis(e2e_settings, tmp_path) -> Iterator[list[str]]:
+    """Two ``rotator api`` processes on the shared PostgreSQL in the real pass; one in the
+    embedded pass (SQLite is one process's database). Their base URLs."""
     env = {
         **rotator_env(),
         **settings_env(e2e_settings),
         "ROTATOR_TEST_DELIVERIES_PER_ORG": str(PER_ORG),
     }
-    workers = "2" if BACKEND == "real" else "1"  # SQLite is one process's database
-    command = [str(BIN / "rotator"), "api", "--port", str(port), "--workers", workers]
-    proc = start(command, env, log, cwd=tmp_path)
-    base = f"http://127.0.0.1:{port}"
+    started = []
+    for index in range(2 if BACKEND == "real" else 1):
+        port, log = free_port(), tmp_path / f"api-{index}.log"
+        command = [str(BIN / "rotator"), "api", "--port", str(port)]
+        started.append((f"http://127.0.0.1:{port}", start(command, env, log, cwd=tmp_path), log))
     try:
-        wait_http(f"{base}/healthz", proc, log)
-        yield base
+        for base, proc, log in started:
+            wait_http(f"{base}/healthz", proc, log)
+        yield [base for base, _, _ in started]
     finally:
-        code = stop(proc, signal.SIGINT)
-    assert code == 0, log.read_text()
+        codes = [(stop(proc, signal.SIGINT), log) for _, proc, log in started]
+    for code, log in codes:
+        assert code == 0, log.read_text()
 
 
-def test_hanging_tests_of_one_org_leave_the_api_to_the_others(database, api):
+def test_hanging_tests_of_one_org_leave_the_api_to_the_others(database, apis):
     a, b = make_tenant(database, name="A"), make_tenant(database, name="B")
     with (
         dripping_receiver(interval_s=2.0) as drip,
         scripted_receiver() as healthy,
         ThreadPoolExecutor(max_workers=FIRED) as pool,
-        httpx.Client(base_url=api, timeout=PROMPTLY_S) as http,
-        httpx.Client(
-            base_url=api, timeout=60, limits=httpx.Limits(max_connections=FIRED)
-        ) as firing,
+        httpx.Client(base_url=apis[0], timeout=PROMPTLY_S) as http,
+        httpx.Client(timeout=60, limits=httpx.Limits(max_connections=FIRED)) as firing,
     ):
         slow = add_endpoint(database, a.org_id, drip.url)
 
-        def test_delivery() -> httpx.Response:
-            return firing.post(f"/v1/webhooks/{slow.id}/test", headers=a.headers)
+        def test_delivery(api: str) -> httpx.Response:
+            return firing.post(f"{api}/v1/webhooks/{slow.id}/test", headers=a.headers)
 
-        fired = [pool.submit(test_delivery) for _ in range(FIRED)]
+        # Spread over the processes: the limit is the organization's, wherever it asks.
+        fired = [pool.submit(test_delivery, apis[i % len(apis)]) for i in range(FIRED)]
         drip.wait_for(PER_ORG)
         done = _answered(fired, FIRED - PER_ORG)
         assert len(done) == FIRED - PER_ORG  # and five hang
