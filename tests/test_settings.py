@@ -67,3 +67,18 @@ def test_the_production_cli_refuses_to_start_without_a_key(tmp_path, monkeypatch
         get_settings.cache_clear()
     assert "ROTATOR_ENCRYPTION_KEYS is required in production" in capsys.readouterr().err
     assert not (tmp_path / "p.db").exists()
+
+
+def test_isolation_limits_have_defaults_and_refuse_what_would_disable_a_route(monkeypatch):
+    settings = Settings()
+    assert settings.test_deliveries_per_org == 5
+    assert settings.test_delivery_threads == 20
+    assert settings.sse_streams_per_key == 5
+    assert settings.sse_stream_max_seconds == 3600
+    monkeypatch.setenv("ROTATOR_TEST_DELIVERIES_PER_ORG", "12")
+    assert Settings().test_deliveries_per_org == 12
+    for name in ("test_deliveries_per_org", "test_delivery_threads", "sse_streams_per_key"):
+        with pytest.raises(ValidationError, match=name):
+            Settings(**{name: 0})
+    with pytest.raises(ValidationError, match="sse_stream_max_seconds"):
+        Settings(sse_stream_max_seconds=0)
