@@ -79,6 +79,6 @@ def test_isolation_limits_have_defaults_and_refuse_what_would_disable_a_route(mo
     assert Settings().test_deliveries_per_org == 12
     for name in ("test_deliveries_per_org", "test_delivery_threads", "sse_streams_per_key"):
         with pytest.raises(ValidationError, match=name):
-            Settings(**{name: 0})
+            Settings.model_validate({name: 0})
     with pytest.raises(ValidationError, match="sse_stream_max_seconds"):
         Settings(sse_stream_max_seconds=0)
