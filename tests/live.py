@@ -16,7 +16,7 @@ import uvicorn
 
 
 @contextmanager
-def live_api(name: str = "live-api") -> Iterator[str]:
+def serve_api(name: str = "live-api") -> Iterator[str]:
     """A fresh app served by uvicorn on a thread; yields its base URL."""
     from api.app import create_app
 

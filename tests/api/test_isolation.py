@@ -27,7 +27,7 @@ from tests.api.helpers import assert_error
 from tests.conftest import overridden
 from tests.deliveries.helpers import add_endpoint
 from tests.factories import Tenant, add_key, make_tenant
-from tests.live import live_api
+from tests.live import serve_api
 from tests.receivers import dripping_receiver, scripted_receiver
 
 DELIVERY_TIMEOUT_S = 15.0  # longer than any test here holds a drip
@@ -39,7 +39,7 @@ ANSWER_S = 5.0  # a bounded wait for what must answer promptly
 def base_url(settings) -> Iterator[str]:
     with (
         overridden(settings, delivery_timeout_seconds=DELIVERY_TIMEOUT_S, allow_insecure_urls=True),
-        live_api() as url,
+        serve_api() as url,
     ):
         yield url
 
