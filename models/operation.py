@@ -32,6 +32,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     UniqueConstraint,
+    bindparam,
     event,
     select,
     text,
@@ -56,6 +57,7 @@ from models.endpoint import (
 from models.errors import Conflict, LimitExceeded, NotFound, ValidationFailed
 from models.ids import new_id
 from models.pagination import Page, paginate
+from models.reads import Query, Reads
 
 
 class OperationKind(StrEnum):
@@ -364,6 +366,24 @@ def get_operation(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) 
     if operation is None:
         raise NotFound()
     return operation
+
+
+_VERSION = Query(
+    select(Operation.updated_at, Operation.finished_at).where(
+        Operation.id == bindparam("operation_id"), Operation.org_id == bindparam("org_id")
+    )
+)
+
+
+Version = tuple[datetime, datetime | None]  # updated_at, finished_at
+
+
+async def read_version(reads: Reads, org_id: uuid.UUID, operation_id: uuid.UUID) -> Version | None:
+    """What changes whenever the operation or one of its steps does (every transition sets
+    ``updated_at``): one primary-key read on the event loop, for a watcher to poll cheaply
+    before it reads the whole operation. None when there is no such operation."""
+    row = await reads.one(_VERSION, operation_id=operation_id, org_id=org_id)
+    return None if row is None else (row["updated_at"], row["finished_at"])
 
 
 def list_operations(

@@ -94,6 +94,21 @@ class Settings(BaseSettings):
     # check): a revoked key keeps reading for at most this long. 0 checks on every request.
     auth_cache_seconds: float = Field(default=5.0, ge=0, le=300)
 
+    # Isolation (docs/operating.md, Isolation): work that waits on a receiver or a client must
+    # not hold what every other request needs.
+    # Synchronous test deliveries (POST /v1/webhooks/{id}/test) in flight per organization,
+    # across all API processes; beyond it, 429 RATE_LIMITED.
+    sync_tests_per_org: int = Field(default=5, ge=1, le=1000)
+    # Threads per API process that send test deliveries: their own, never the threads every
+    # other route runs on. All busy: 429 RATE_LIMITED.
+    sync_test_threads: int = Field(default=20, ge=1, le=1000)
+    # Open operation event streams (GET /v1/operations/{id}/events) per API key, per API
+    # process; beyond it, 429 RATE_LIMITED.
+    sse_streams_per_key: int = Field(default=5, ge=1, le=1000)
+    # A stream is closed after this long even if its operation is still running (a client
+    # reconnects); a dead client is noticed sooner, at the next keep-alive.
+    sse_stream_max_seconds: float = Field(default=3600.0, ge=1, le=86_400)
+
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     # A pooled connection idle longer than this is pinged before use (one round trip); busier

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -104,3 +105,96 @@ def loopback_demo_receiver(**options: Any) -> Iterator[DemoReceiver]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@dataclass
+class DrippingReceiver:
+    """Reads each request, then answers one header byte every ``interval_s`` and never
+    finishes, until ``release``: then it closes every connection (the sender sees an error)."""
+
+    interval_s: float
+    port: int = 0
+    received: int = 0  # requests read so far
+    released: threading.Event = field(default_factory=threading.Event)
+    arrived: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/drip"
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> None:
+        with self.arrived:
+            if not self.arrived.wait_for(lambda: self.received >= count, timeout):
+                raise TimeoutError(f"{self.received} of {count} requests arrived")
+
+    def release(self) -> None:
+        self.released.set()
+
+
+def _read_request(conn: socket.socket) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        body += chunk
+
+
+@contextmanager
+def dripping_receiver(interval_s: float) -> Iterator[DrippingReceiver]:
+    """A raw-socket receiver on a free loopback port that drips its answer (see above)."""
+    state = DrippingReceiver(interval_s=interval_s)
+    listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+    listener.settimeout(0.1)
+    state.port = listener.getsockname()[1]
+    threads: list[threading.Thread] = []
+
+    def drip(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                _read_request(conn)
+                with state.arrived:
+                    state.received += 1
+                    state.arrived.notify_all()
+                head = b"HTTP/1.1 200 OK\r\nX-Drip: " + b"." * 10_000
+                for byte in head:
+                    if state.released.wait(state.interval_s):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                return  # the sender gave up
+
+    def accept() -> None:
+        while not state.released.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=drip, args=(conn,), daemon=True)
+            threads.append(thread)
+            thread.start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield state
+    finally:
+        state.release()
+        acceptor.join(timeout=5)
+        listener.close()
+        for thread in threads:
+            thread.join(timeout=5)

@@ -121,3 +121,18 @@ def test_production_refuses_insecure_urls(monkeypatch, tmp_path):
     ]
     for env in ("development", "test"):
         assert Settings(env=env, allow_insecure_urls=True).allow_insecure_urls
+
+
+def test_isolation_limits_have_defaults_and_refuse_what_would_disable_a_route(monkeypatch):
+    settings = Settings()
+    assert settings.sync_tests_per_org == 5
+    assert settings.sync_test_threads == 20
+    assert settings.sse_streams_per_key == 5
+    assert settings.sse_stream_max_seconds == 3600
+    monkeypatch.setenv("ROTATOR_SYNC_TESTS_PER_ORG", "12")
+    assert Settings().sync_tests_per_org == 12
+    for name in ("sync_tests_per_org", "sync_test_threads", "sse_streams_per_key"):
+        with pytest.raises(ValidationError, match=name):
+            Settings.model_validate({name: 0})
+    with pytest.raises(ValidationError, match="sse_stream_max_seconds"):
+        Settings(sse_stream_max_seconds=0)

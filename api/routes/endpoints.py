@@ -7,10 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, authorize, body_doc, parse_id, read_json, require
 from api.errors import responses
+from api.isolation import sending_threads
 from api.schemas import (
     Endpoint,
     EndpointCreate,
@@ -21,9 +21,9 @@ from api.schemas import (
     endpoint_json,
     list_json,
 )
-from models import delivery as deliveries
 from models import endpoint as endpoints
 from models.errors import NotFound
+from models.limits import start_test_delivery
 from models.org import Scope
 from workers.deliveries import attempt
 
@@ -122,12 +122,21 @@ async def rotate_secret(endpoint_id: uuid.UUID, caller: Writer) -> JSONResponse:
 
 
 @router.post(
-    "/{endpoint_id}/test", response_model=TestDeliveryOut, responses=responses(401, 403, 404, 422)
+    "/{endpoint_id}/test",
+    response_model=TestDeliveryOut,
+    responses=responses(401, 403, 404, 422, 429),
 )
 async def send_test(endpoint_id: uuid.UUID, caller: Writer) -> JSONResponse:
-    """Send a ``webhook.test`` event now, signed like a real delivery, and report the outcome."""
-    delivery = await caller.run(deliveries.create_test_delivery, endpoint_id)
-    sent = await run_in_threadpool(attempt, caller.db, delivery.id)
+    """Send a ``webhook.test`` event now, signed like a real delivery, and report the outcome.
+
+    At most ``ROTATOR_SYNC_TESTS_PER_ORG`` in flight per organization; beyond, 429."""
+    settings = caller.db.settings
+    # Sent on threads of its own, so that a slow receiver holds none of the threads every other
+    # route needs (docs/operating.md, Isolation); all busy: 429 before anything is written.
+    threads = sending_threads(settings.sync_test_threads)
+    with threads.reserve(retry_after=settings.delivery_timeout_seconds) as thread:
+        delivery = await caller.run(start_test_delivery, endpoint_id)
+        sent = await thread.run(attempt, caller.db, delivery.id)
     if sent is None:  # the endpoint was deleted between the two steps
         raise NotFound()
     return JSONResponse(

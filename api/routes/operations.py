@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
+from api import isolation
 from api.deps import Caller, body_doc, read_json, require
 from api.errors import responses
 from api.schemas import (
@@ -26,7 +27,8 @@ from api.schemas import (
 from models import idempotency
 from models import operation as operations
 from models.endpoint import get_endpoint
-from models.errors import NotFound, ValidationFailed
+from models.errors import DomainError, NotFound, ValidationFailed
+from models.operation import Version
 from models.org import Scope
 from workers.enqueue import send_after_commit
 from workers.names import TaskName
@@ -36,7 +38,11 @@ router = APIRouter(tags=["operations"])
 Reader = Annotated[Caller, Depends(require(Scope.WEBHOOKS_READ))]
 Writer = Annotated[Caller, Depends(require(Scope.WEBHOOKS_WRITE))]
 
+# An event stream polls the operation every SSE_POLL_S after a change, doubling up to
+# SSE_POLL_MAX_S while nothing changes; a comment line every SSE_KEEPALIVE_S of quiet keeps
+# proxies from closing it and tells the server soon when the client has gone.
 SSE_POLL_S = 0.5
+SSE_POLL_MAX_S = 2.0
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -153,41 +159,72 @@ async def get_operation(operation_id: uuid.UUID, caller: Reader) -> JSONResponse
     "/v1/operations/{operation_id}/events",
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "one event per change"},
-        **responses(401, 403, 404, 422),
+        **responses(401, 403, 404, 422, 429),
     },
 )
 async def operation_events(
     operation_id: uuid.UUID, request: Request, caller: Reader
 ) -> StreamingResponse:
-    """Server-Sent Events: the operation as it changes (event ``operation``), until it ends."""
+    """Server-Sent Events: the operation as it changes (event ``operation``), until it ends.
+
+    At most ``ROTATOR_SSE_STREAMS_PER_KEY`` open per API key; beyond, 429."""
+    # The version first: a change between the two reads shows at the first poll.
+    version = await operations.read_version(caller.reads, caller.principal.org_id, operation_id)
     first = await caller.run(_get, operation_id)  # 404 before the stream starts
-
-    async def stream() -> AsyncIterator[str]:
-        current: dict[str, Any] | None = first
-        last: dict[str, Any] | None = None
-        sequence = 0
-        quiet = 0.0
-        while True:
-            if current != last:
-                sequence += 1
-                yield f"event: operation\nid: {sequence}\ndata: {json.dumps(current)}\n\n"
-                last, quiet = current, 0.0
-                if current is not None and current["finished_at"] is not None:
-                    return
-            elif quiet >= SSE_KEEPALIVE_S:
-                yield ": keep-alive\n\n"
-                quiet = 0.0
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(SSE_POLL_S)
-            quiet += SSE_POLL_S
-            current = await caller.run(_get, operation_id)
-
-    return StreamingResponse(
-        stream(),
+    settings = caller.db.settings
+    release = isolation.streams.take(caller.principal.key_id, settings.sse_streams_per_key)
+    return isolation.HeldStreamingResponse(
+        _operation_stream(
+            request, caller, operation_id, (first, version), settings.sse_stream_max_seconds
+        ),
+        release=release,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def _operation_stream(
+    request: Request,
+    caller: Caller,
+    operation_id: uuid.UUID,
+    first: tuple[dict[str, Any], Version | None],
+    lifetime_s: float,
+) -> AsyncIterator[str]:
+    """One frame per change, found by polling the operation's version (one primary-key read
+    per interval, backing off while nothing changes); the whole operation is read only when
+    it changed. Ends with the operation, after ``lifetime_s``, or when the client goes away."""
+    loop = asyncio.get_running_loop()
+    ends_at = loop.time() + lifetime_s
+    last, version = first
+    sequence = 1
+    yield _frame(sequence, last)
+    interval = quiet = 0.0
+    while last["finished_at"] is None:
+        interval = min(interval * 2, SSE_POLL_MAX_S) if interval else SSE_POLL_S
+        await asyncio.sleep(interval)
+        quiet += interval
+        if loop.time() >= ends_at or await request.is_disconnected():
+            return
+        seen = await operations.read_version(caller.reads, caller.principal.org_id, operation_id)
+        if seen is None:
+            return
+        if seen != version:
+            version, interval = seen, 0.0
+            try:
+                current = await caller.run(_get, operation_id)
+            except DomainError:  # the key was revoked meanwhile, or the operation is gone
+                return
+            if current != last:
+                sequence += 1
+                yield _frame(sequence, current)
+                last, quiet = current, 0.0
+        if quiet >= SSE_KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            quiet = 0.0
+
+
+def _frame(sequence: int, operation: dict[str, Any]) -> str:
+    return f"event: operation\nid: {sequence}\ndata: {json.dumps(operation)}\n\n"
 
 
 def _cancel(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> dict[str, Any]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from playwright.sync_api import (
     ConsoleMessage,
     Locator,
@@ -33,6 +30,7 @@ from playwright.sync_api import (
 
 from receiver import DemoReceiver
 from tests.factories import make_tenant
+from tests.live import serve_api
 
 E2E_OVERRIDES = {"migrate_backoff_initial_seconds": 0.2, "migrate_backoff_max_seconds": 0.5}
 
@@ -125,35 +123,8 @@ def live_api(workers) -> Iterator[str]:
     live settings object ``workers`` has overridden (loopback receiver URLs allowed, short
     migrate backoff), which a ``rotator api`` subprocess would have to be handed one by one.
     """
-    from api.app import create_app
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other tests
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(),
-        loop="asyncio",
-        lifespan="off",
-        log_level="warning",
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="ops-page-api", daemon=True
-    )
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_api("ops-page-api") as url:
+        yield url
 
 
 def _chromium() -> str:
