@@ -812,10 +812,10 @@ def _delete_old_endpoint(
     )
     if source is not None and source.deleted_at is None:
         soft_delete(session, source)
-    if operation.policy_id is not None and operation.new_endpoint_id is not None:
-        from models.policy import follow_new_endpoint  # policies build on operations
+    if operation.source_endpoint_id is not None and operation.new_endpoint_id is not None:
+        from models.policy import follow_migration  # policies build on operations
 
-        follow_new_endpoint(session, operation.policy_id, operation.new_endpoint_id)
+        follow_migration(session, operation.source_endpoint_id, operation.new_endpoint_id)
     _begin_step(step, now)
     _succeed_step(step, now)
     return _finish(operation, OperationState.SUCCEEDED, now)
