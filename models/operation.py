@@ -260,8 +260,7 @@ def start_migration(
     details = {field: problem for field, problem in problems.items() if problem}
     if details:
         raise ValidationFailed(details)
-    if active_for_endpoint(session, source.id) is not None:
-        raise Conflict("a migration is already running on this endpoint")
+    ensure_idle(session, source.id)
     now = clock.now()
     secret = new_secret()
     operation = Operation(
@@ -296,7 +295,7 @@ def start_migration(
         # carries on after one, as the policy tick does, wraps the call in its own).
         session.flush()
     except IntegrityError:  # a concurrent migrate of the same endpoint won the race
-        raise Conflict("a migration is already running on this endpoint") from None
+        raise _busy(f"{source.id} is the source endpoint of another unfinished operation") from None
     return Started(operation=operation, secret=secret if reveal else None)
 
 
@@ -312,8 +311,7 @@ def start_rotation(
     (``endpoint_id`` None) of the organization's. The new secret is revealed once, on request."""
     if endpoint_id is not None:
         get_endpoint(session, org_id, endpoint_id, for_update=True)
-        if active_for_endpoint(session, endpoint_id) is not None:
-            raise Conflict("a migration is running on this endpoint")
+        ensure_idle(session, endpoint_id)
     now = clock.now()
     step = Step.ROTATE_SECRET if endpoint_id is not None else Step.ROTATE_ORG_SECRET
     operation = Operation(
@@ -343,15 +341,37 @@ def start_rotation(
     return operation
 
 
-def active_for_endpoint(session: Session, endpoint_id: uuid.UUID) -> Operation | None:
-    """The unfinished operation that uses ``endpoint_id`` as its source or its new endpoint."""
-    return session.scalars(
-        select(Operation).where(
-            Operation.finished_at.is_(None),
-            (Operation.source_endpoint_id == endpoint_id)
-            | (Operation.new_endpoint_id == endpoint_id),
-        )
-    ).first()
+def active_for_endpoint(
+    session: Session, endpoint_id: uuid.UUID, *, besides: uuid.UUID | None = None
+) -> Operation | None:
+    """The unfinished operation (other than ``besides``) that uses ``endpoint_id`` as its
+    source or its new endpoint."""
+    query = select(Operation).where(
+        Operation.finished_at.is_(None),
+        (Operation.source_endpoint_id == endpoint_id) | (Operation.new_endpoint_id == endpoint_id),
+    )
+    if besides is not None:
+        query = query.where(Operation.id != besides)
+    return session.scalars(query).first()
+
+
+def ensure_idle(
+    session: Session, endpoint_id: uuid.UUID, *, besides: uuid.UUID | None = None
+) -> None:
+    """409 CONFLICT, naming the operation, while an unfinished one uses the endpoint.
+
+    The one rule for every change a running migration depends on: starting another one,
+    deleting either endpoint of the pair, rotating its secret, changing its url or events
+    (docs/api.md, Conflicts). ``besides``: the operation making the change itself.
+    """
+    busy = active_for_endpoint(session, endpoint_id, besides=besides)
+    if busy is not None:
+        role = "source" if busy.source_endpoint_id == endpoint_id else "new"
+        raise _busy(f"{endpoint_id} is the {role} endpoint of unfinished operation {busy.id}")
+
+
+def _busy(detail: str) -> Conflict:
+    return Conflict("a migration is running on this endpoint", details={"endpoint_id": detail})
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -610,9 +630,9 @@ def _rotate_now(
     if step.name == Step.ROTATE_SECRET and operation.source_endpoint_id is not None:
         try:
             secret = endpoints.rotate_secret(
-                session, operation.org_id, operation.source_endpoint_id
+                session, operation.org_id, operation.source_endpoint_id, by=operation.id
             ).secret
-        except NotFound as exc:
+        except (NotFound, Conflict) as exc:
             _begin_step(step, now)
             return _roll_back(session, operation, OperationState.FAILED, now, exc.code, exc.message)
     else:

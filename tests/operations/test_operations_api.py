@@ -500,6 +500,64 @@ def test_the_new_endpoint_of_a_running_migration_is_busy_too(client, database, t
     assert operation_count(database) == 1
 
 
+def test_a_running_migration_pins_the_secret_url_and_events_of_both_endpoints(
+    client, database, tenant, source
+):
+    """rotate-secret, and a PATCH of url or events, on either endpoint of an unfinished
+    migration are 409 CONFLICT naming the operation, as DELETE is; active and description
+    may still change."""
+    operation = started(client, tenant, source["id"])
+    run_step(database, operation["id"])
+    new_id = get_operation(client, tenant, operation["id"])["new_endpoint_id"]
+    assert new_id is not None
+    before = {row["id"]: row for row in raw_rows(database, "webhook_endpoints")}
+    for endpoint_id, role in ((source["id"], "source"), (new_id, "new")):
+        path = f"/v1/webhooks/{endpoint_id}"
+        current = client.get(path, headers=tenant.headers).json()
+        for method, url, body in [
+            ("POST", f"{path}/rotate-secret", None),
+            ("PATCH", path, {"url": "https://elsewhere.example.com/hooks"}),
+            ("PATCH", path, {"events": ["campaign.approved"]}),
+            ("PATCH", path, {"events": current["events"], "url": "https://x.example.com/h"}),
+            ("DELETE", path, None),
+            ("POST", f"/v1/webhooks/{endpoint_id}/migrate", None),
+        ]:
+            response = client.request(method, url, json=body, headers=tenant.headers)
+            error = assert_error(response, 409, "CONFLICT")
+            assert error["details"] == {
+                "endpoint_id": f"{endpoint_id} is the {role} endpoint of unfinished operation "
+                f"{operation['id']}"
+            }, (method, url, body)
+            assert "secret" not in response.json()
+        # What the migration does not depend on may change, and so may nothing at all.
+        for body in (
+            {"active": False, "description": "paused during the move"},
+            {"active": True},
+            {"url": current["url"], "events": current["events"]},
+        ):
+            response = client.patch(path, json=body, headers=tenant.headers)
+            assert response.status_code == 200, (body, response.text)
+        shown = client.get(path, headers=tenant.headers).json()
+        assert (shown["url"], shown["events"]) == (current["url"], current["events"])
+        assert shown["description"] == "paused during the move"
+    after = {row["id"]: row for row in raw_rows(database, "webhook_endpoints")}
+    for row_id, row in after.items():
+        assert row["secret_ciphertext"] == before[row_id]["secret_ciphertext"]
+        assert row["deleted_at"] is None
+
+    # Once the migration has ended, the endpoint it leaves is free again.
+    client.post(f"/v1/operations/{operation['id']}/cancel", headers=tenant.headers)
+    run_step(database, operation["id"])
+    rotated = client.post(f"/v1/webhooks/{source['id']}/rotate-secret", headers=tenant.headers)
+    assert rotated.status_code == 200, rotated.text
+    moved = client.patch(
+        f"/v1/webhooks/{source['id']}",
+        json={"url": "https://elsewhere.example.com/hooks"},
+        headers=tenant.headers,
+    )
+    assert moved.status_code == 200, moved.text
+
+
 # --- listing ------------------------------------------------------------------------------------
 
 
