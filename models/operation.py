@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -53,8 +53,9 @@ from models.endpoint import (
     new_secret,
     soft_delete,
 )
-from models.errors import Conflict, LimitExceeded, NotFound, ValidationFailed
+from models.errors import Conflict, Forbidden, LimitExceeded, NotFound, ValidationFailed
 from models.ids import new_id
+from models.org import Scope
 from models.pagination import Page, paginate
 
 
@@ -433,10 +434,10 @@ def new_secret_of(session: Session, operation: Operation) -> str:
 
 
 def reveal_secret(
-    session: Session, org_id: uuid.UUID, operation_id: uuid.UUID
+    session: Session, org_id: uuid.UUID, operation_id: uuid.UUID, *, scopes: Collection[str]
 ) -> tuple[Operation, str]:
     """Hand out the new endpoint's secret once, for operations no response revealed."""
-    operation = _locked(session, org_id, operation_id)
+    operation = _locked(session, org_id, operation_id, scopes)
     if operation.secret_revealed or operation.new_secret_ciphertext is None:
         raise Conflict("the secret of this operation was already revealed")
     operation.secret_revealed = True
@@ -444,7 +445,25 @@ def reveal_secret(
     return operation, new_secret_of(session, operation)
 
 
-def _locked(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> Operation:
+def write_scope(kind: str) -> Scope:
+    """The scope that revealing or canceling an operation of ``kind`` needs.
+
+    An org secret rotation hands out (or stops) the organization's secret, which only
+    ``org:admin:write`` may rotate; every other kind is an endpoint's (docs/api.md, Scopes).
+    """
+    if kind == OperationKind.ORG_SECRET_ROTATION:
+        return Scope.ORG_ADMIN_WRITE
+    return Scope.WEBHOOKS_WRITE
+
+
+def _locked(
+    session: Session, org_id: uuid.UUID, operation_id: uuid.UUID, scopes: Collection[str]
+) -> Operation:
+    """The operation, locked, for a caller holding ``scopes``.
+
+    404 comes first, whatever the scopes: another organization's id (or an unknown one) says
+    nothing about what the key may do. Then 403 when the kind needs a scope the key lacks.
+    """
     operation = session.scalars(
         select(Operation)
         .where(Operation.id == operation_id, Operation.org_id == org_id)
@@ -452,12 +471,16 @@ def _locked(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> Ope
     ).one_or_none()
     if operation is None:
         raise NotFound()
+    if write_scope(operation.kind) not in scopes:
+        raise Forbidden()
     return operation
 
 
-def request_cancel(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> Operation:
+def request_cancel(
+    session: Session, org_id: uuid.UUID, operation_id: uuid.UUID, *, scopes: Collection[str]
+) -> Operation:
     """Ask for a roll back; refused once the old endpoint is deleted or the operation ended."""
-    operation = _locked(session, org_id, operation_id)
+    operation = _locked(session, org_id, operation_id, scopes)
     if operation.finished:
         raise Conflict("the operation has already ended")
     if operation.old_endpoint_deleted:

@@ -35,6 +35,9 @@ router = APIRouter(tags=["operations"])
 
 Reader = Annotated[Caller, Depends(require(Scope.WEBHOOKS_READ))]
 Writer = Annotated[Caller, Depends(require(Scope.WEBHOOKS_WRITE))]
+# Reveal and cancel: the scope depends on the operation's kind (``operations.write_scope``),
+# checked once the operation is found, so another organization's id is 404 whatever the key.
+Acting = Annotated[Caller, Depends(require(None))]
 
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
@@ -190,8 +193,10 @@ async def operation_events(
     )
 
 
-def _cancel(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> dict[str, Any]:
-    operation = operations.request_cancel(session, org_id, operation_id)
+def _cancel(
+    session: Session, org_id: uuid.UUID, operation_id: uuid.UUID, scopes: frozenset[str]
+) -> dict[str, Any]:
+    operation = operations.request_cancel(session, org_id, operation_id, scopes=scopes)
     send_after_commit(session, TaskName.OPERATION_ADVANCE, operation.id)
     return operation_json(operation)
 
@@ -202,14 +207,18 @@ def _cancel(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> dic
     response_model=OperationOut,
     responses=responses(401, 403, 404, 409, 422),
 )
-async def cancel_operation(operation_id: uuid.UUID, caller: Writer) -> JSONResponse:
+async def cancel_operation(operation_id: uuid.UUID, caller: Acting) -> JSONResponse:
     """Roll back: the new endpoint is deleted, the old one stays. 409 once the old endpoint is
-    deleted or the operation has ended."""
-    return JSONResponse(await caller.run(_cancel, operation_id), status_code=202)
+    deleted or the operation has ended. Scope: ``org:admin:write`` for an
+    ``org_secret_rotation``, ``webhooks:write`` for any other kind."""
+    response = await caller.run(_cancel, operation_id, caller.principal.scopes)
+    return JSONResponse(response, status_code=202)
 
 
-def _reveal(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> dict[str, Any]:
-    operation, secret = operations.reveal_secret(session, org_id, operation_id)
+def _reveal(
+    session: Session, org_id: uuid.UUID, operation_id: uuid.UUID, scopes: frozenset[str]
+) -> dict[str, Any]:
+    operation, secret = operations.reveal_secret(session, org_id, operation_id, scopes=scopes)
     return {
         "operation_id": str(operation.id),
         "new_endpoint_id": None
@@ -225,6 +234,8 @@ def _reveal(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> dic
     response_model=RevealedSecret,
     responses=responses(401, 403, 404, 409, 422),
 )
-async def reveal_secret(operation_id: uuid.UUID, caller: Writer) -> JSONResponse:
-    """The new endpoint's secret, once, for operations no response revealed (scheduled ones)."""
-    return JSONResponse(await caller.run(_reveal, operation_id))
+async def reveal_secret(operation_id: uuid.UUID, caller: Acting) -> JSONResponse:
+    """The new endpoint's secret, once, for operations no response revealed (scheduled ones).
+    Scope: ``org:admin:write`` for an ``org_secret_rotation``, ``webhooks:write`` for any
+    other kind."""
+    return JSONResponse(await caller.run(_reveal, operation_id, caller.principal.scopes))

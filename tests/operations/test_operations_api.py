@@ -317,6 +317,62 @@ def test_each_route_needs_its_scope(client, database, tenant):
         assert allowed.status_code in (200, 202), (url, allowed.text)
 
 
+def test_reveal_and_cancel_of_an_org_secret_rotation_need_org_admin_write(client, database, tenant):
+    """An org secret rotation hands out the organization's secret: org:admin:write, not
+    webhooks:write. Other kinds keep webhooks:write. 404 comes before 403, whatever the scopes,
+    so another organization's id says nothing."""
+    endpoint_id = uuid.UUID(create(client, tenant)["id"])
+    with database.session() as session:
+        pending = operations.start_rotation(
+            session, tenant.org_id, None, policy_id=None, scheduled_for=None
+        ).id
+        done = operations.start_rotation(
+            session, tenant.org_id, None, policy_id=None, scheduled_for=None
+        ).id
+        endpoint_rotation = operations.start_rotation(
+            session,
+            tenant.org_id,
+            endpoint_id,
+            policy_id=None,
+            scheduled_for=None,
+        ).id
+    run_step(database, str(done))
+    run_step(database, str(endpoint_rotation))
+    webhooks_writer = add_key(database, tenant, ["webhooks:read", "webhooks:write", "events:write"])
+    admin = add_key(database, tenant, ["org:admin:write"])
+    reader = add_key(database, tenant, ["webhooks:read"])
+
+    def post(operation_id: uuid.UUID | str, action: str, who: Tenant):
+        return client.post(f"/v1/operations/{operation_id}/{action}", headers=who.headers)
+
+    other = make_tenant(database, name="Other")
+    for scopes in ([], ["webhooks:read"], ["webhooks:write"], ["org:admin:write"]):
+        outsider = add_key(database, other, scopes) if scopes else other
+        for operation_id in (pending, done, endpoint_rotation):
+            for action in ("cancel", "reveal-secret"):
+                assert_error(post(operation_id, action, outsider), 404, "NOT_FOUND", "not found")
+    for who in (webhooks_writer, admin, reader):
+        for action in ("cancel", "reveal-secret"):
+            assert_error(post(MISSING_ID, action, who), 404, "NOT_FOUND")
+    assert client.post(f"/v1/operations/{done}/reveal-secret").status_code == 401
+
+    for who in (webhooks_writer, reader):
+        for operation_id, action in ((pending, "cancel"), (done, "reveal-secret")):
+            assert_error(
+                post(operation_id, action, who), 403, "FORBIDDEN", "missing required scope"
+            )
+    assert get_operation(client, tenant, str(pending))["state"] == "pending"  # not canceled
+    revealed = post(done, "reveal-secret", admin)  # the refusals did not use the reveal up
+    assert revealed.status_code == 200, revealed.text
+    assert SECRET_RE.match(revealed.json()["secret"])
+    canceled = post(pending, "cancel", admin)
+    assert canceled.status_code == 202, canceled.text
+
+    # An endpoint's rotation is still webhooks:write's, and org:admin:write alone is not enough.
+    assert_error(post(endpoint_rotation, "reveal-secret", admin), 403, "FORBIDDEN")
+    assert post(endpoint_rotation, "reveal-secret", webhooks_writer).status_code == 200
+
+
 # --- Idempotency-Key ----------------------------------------------------------------------------
 
 

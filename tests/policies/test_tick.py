@@ -26,6 +26,7 @@ from models import policy as policies
 from models.db import Database
 from models.endpoint import WebhookEndpoint, create_endpoint, signing_key
 from models.operation import Operation, OperationKind, OperationState, StepState, Trigger
+from models.org import ALL_SCOPES
 from models.org_secret import OrgSecret, SecretState
 from models.policy import RotationPolicy, Run, run_due
 from receiver import DemoReceiver, serve
@@ -335,7 +336,7 @@ def test_a_busy_endpoint_skips_the_run_and_moves_the_schedule(database, tenant, 
 
     # Once the migration has ended, the next due time runs.
     with database.session() as session:
-        operations.request_cancel(session, tenant.org_id, migration.id)
+        operations.request_cancel(session, tenant.org_id, migration.id, scopes=ALL_SCOPES)
     advance(database, migration.id)
     assert load_operation(database, migration.id).finished
     to(due + HOUR + timedelta(seconds=2))
