@@ -349,9 +349,11 @@ def delete_endpoint(session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID)
 def soft_delete(session: Session, endpoint: WebhookEndpoint) -> None:
     """Mark deleted and abandon its pending deliveries (also used by safe migrate)."""
     from models.delivery import abandon_pending
+    from models.operation import forget_endpoint_secret
 
     now = clock.now()
     abandon_pending(session, endpoint.id)
+    forget_endpoint_secret(session, endpoint)
     endpoint.deleted_at = now
     endpoint.active = False
     endpoint.updated_at = now
@@ -366,10 +368,11 @@ def rotate_secret(
     old secret, and the new endpoint's secret is the one the operation holds. ``by``: the
     scheduled rotation doing this, which does not count as busy.
     """
-    from models.operation import ensure_idle
+    from models.operation import ensure_idle, forget_endpoint_secret
 
     endpoint = get_endpoint(session, org_id, endpoint_id, for_update=True)
     ensure_idle(session, endpoint.id, besides=by)
+    forget_endpoint_secret(session, endpoint)
     secret = new_secret()
     seal_secret(session, endpoint, secret)
     endpoint.updated_at = clock.now()

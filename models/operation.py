@@ -35,6 +35,7 @@ from sqlalchemy import (
     event,
     select,
     text,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, joinedload, mapped_column, relationship
@@ -140,6 +141,13 @@ class Operation(IdMixin, Base):
             sqlite_where=text("finished_at IS NULL"),
         ),
         Index("ix_operations_kind_state", "kind", "state"),  # /metrics counts by these
+        # The few operations still holding a secret, found when what they rotated changes.
+        Index(
+            "ix_operations_kept_secrets",
+            "org_id",
+            postgresql_where=text("new_secret_ciphertext IS NOT NULL"),
+            sqlite_where=text("new_secret_ciphertext IS NOT NULL"),
+        ),
     )
 
     org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
@@ -436,13 +444,59 @@ def new_secret_of(session: Session, operation: Operation) -> str:
 def reveal_secret(
     session: Session, org_id: uuid.UUID, operation_id: uuid.UUID, *, scopes: Collection[str]
 ) -> tuple[Operation, str]:
-    """Hand out the new endpoint's secret once, for operations no response revealed."""
+    """Hand out the new secret once, for operations no response revealed (scheduled ones).
+
+    The stored copy goes with the reveal; a migration still running keeps it until it ends,
+    as its workers create the new endpoint with it (docs/api.md, Secrets' lifetimes).
+    """
     operation = _locked(session, org_id, operation_id, scopes)
-    if operation.secret_revealed or operation.new_secret_ciphertext is None:
+    if operation.secret_revealed:
         raise Conflict("the secret of this operation was already revealed")
+    if operation.new_secret_ciphertext is None:
+        if operation.finished:
+            raise Conflict(
+                "this operation no longer holds a secret: it did not succeed, or what it "
+                "rotated has since been deleted or rotated again"
+            )
+        raise Conflict("this operation has not minted its new secret yet")
+    secret = new_secret_of(session, operation)
     operation.secret_revealed = True
     operation.updated_at = clock.now()
-    return operation, new_secret_of(session, operation)
+    if operation.finished:
+        operation.new_secret_ciphertext = None
+    return operation, secret
+
+
+def forget_endpoint_secret(session: Session, endpoint: WebhookEndpoint) -> None:
+    """The endpoint's secret was replaced or the endpoint deleted: a finished operation's
+    unrevealed copy of that secret (the new endpoint's for a migration, the endpoint's own for
+    a scheduled rotate) is stale, and goes."""
+    session.execute(
+        update(Operation)
+        .where(
+            Operation.org_id == endpoint.org_id,
+            Operation.new_secret_ciphertext.is_not(None),
+            Operation.finished_at.is_not(None),
+            (Operation.new_endpoint_id == endpoint.id)
+            | (Operation.new_endpoint_id.is_(None) & (Operation.source_endpoint_id == endpoint.id)),
+        )
+        .values(new_secret_ciphertext=None)
+    )
+
+
+def forget_org_secret(session: Session, org_id: uuid.UUID) -> None:
+    """The organization secret was rotated again: finished org secret rotations' unrevealed
+    copies are no longer the current secret, and go."""
+    session.execute(
+        update(Operation)
+        .where(
+            Operation.org_id == org_id,
+            Operation.new_secret_ciphertext.is_not(None),
+            Operation.finished_at.is_not(None),
+            Operation.kind == OperationKind.ORG_SECRET_ROTATION,
+        )
+        .values(new_secret_ciphertext=None)
+    )
 
 
 def write_scope(kind: str) -> Scope:
@@ -865,6 +919,10 @@ def _delete_old_endpoint(
 
 
 def _finish(operation: Operation, state: OperationState, now: datetime) -> Advance:
+    # The workers are done with the new secret. Kept only while it is the live secret of what
+    # the operation made and nobody has seen it yet: reveal-secret is then its only way out.
+    if operation.secret_revealed or state != OperationState.SUCCEEDED:
+        operation.new_secret_ciphertext = None
     operation.state = state
     operation.finished_at = now
     operation.updated_at = now

@@ -58,7 +58,8 @@ class OrgSecret(IdMixin, Base):
 
     org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
     state: Mapped[str] = mapped_column(String(16))
-    secret_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    # None once expired: a secret that no longer signs is not kept.
+    secret_ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # Set when the secret becomes previous: it signs while valid_until > now.
     valid_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -91,7 +92,10 @@ def rotate(session: Session, org_id: uuid.UUID) -> Rotation:
     Rotating again inside the window expires the older previous at once. Concurrent rotations
     of one organization serialise on the organization row.
     """
+    from models.operation import forget_org_secret  # operations build on org secrets
+
     lock_org(session, org_id)
+    forget_org_secret(session, org_id)
     now = clock.now()
     grace = timedelta(seconds=settings_of(session).org_secret_grace_seconds)
     rows = session.scalars(
@@ -137,8 +141,9 @@ def signing_keys(session: Session, org_id: uuid.UUID) -> list[bytes]:
     box = box_of(session)
     keys: list[bytes] = []
     for row in sorted(rows, key=lambda r: r.state != SecretState.CURRENT):
-        if row.state == SecretState.PREVIOUS and (
-            row.valid_until is None or row.valid_until <= now
+        if row.secret_ciphertext is None or (
+            row.state == SecretState.PREVIOUS
+            and (row.valid_until is None or row.valid_until <= now)
         ):
             continue
         keys.append(box.decrypt(row.secret_ciphertext, context=_context(row.id)))
@@ -146,7 +151,10 @@ def signing_keys(session: Session, org_id: uuid.UUID) -> list[bytes]:
 
 
 def _expire(row: OrgSecret, now: datetime, by: ExpiredBy) -> None:
+    """Past its grace (or cut short by the next rotation): it never signs again, so its
+    ciphertext goes; the row stays as the record of when and by what it expired."""
     row.state = SecretState.EXPIRED
+    row.secret_ciphertext = None
     row.expired_at = now
     row.expired_by = by
 
@@ -183,8 +191,10 @@ def sweep(session: Session) -> list[float]:
 def reencrypt(session: Session) -> int:
     box = box_of(session)
     count = 0
-    for row in session.scalars(select(OrgSecret).with_for_update()):
-        if not box.is_current(row.secret_ciphertext):
+    for row in session.scalars(
+        select(OrgSecret).where(OrgSecret.secret_ciphertext.is_not(None)).with_for_update()
+    ):
+        if row.secret_ciphertext is not None and not box.is_current(row.secret_ciphertext):
             raw = box.decrypt(row.secret_ciphertext, context=_context(row.id))
             row.secret_ciphertext = box.encrypt(raw, context=_context(row.id))
             count += 1
