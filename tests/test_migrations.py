@@ -211,3 +211,46 @@ def test_0007_wipes_the_secrets_kept_past_their_use(scratch_engine):
     with scratch_engine.connect() as connection:
         states = connection.execute(sa.select(ORG_SECRETS.c.state)).scalars().all()
     assert sorted(states) == ["current", "previous"]
+
+
+IDEMPOTENCY_KEYS = sa.table(
+    "idempotency_keys",
+    sa.column("id", sa.Uuid),
+    sa.column("org_id", sa.Uuid),
+    sa.column("key", sa.String),
+    sa.column("request_sha256", sa.String),
+    sa.column("response_ciphertext", sa.LargeBinary),
+    sa.column("created_at", UTCDateTime),
+)
+
+
+def test_0008_keeps_stored_responses_and_binds_them_to_no_key(scratch_engine):
+    upgrade(scratch_engine, "0007")
+    now = datetime.now(UTC)
+    org, row_id = uuid.uuid4(), uuid.uuid4()
+    stored = {
+        "id": row_id,
+        "org_id": org,
+        "key": "k-1",
+        "request_sha256": "0" * 64,
+        "response_ciphertext": b"\x01sealed",
+        "created_at": now,
+    }
+    with scratch_engine.begin() as connection:
+        connection.execute(ORGS.insert().values(id=org, name="Acme", created_at=now))
+        connection.execute(IDEMPOTENCY_KEYS.insert().values(**stored))
+
+    upgrade(scratch_engine, "0008")
+    with scratch_engine.connect() as connection:
+        row = connection.execute(text("SELECT * FROM idempotency_keys")).mappings().one()
+    assert row["api_key_id"] is None
+    assert bytes(row["response_ciphertext"]) == stored["response_ciphertext"]
+    assert row["key"] == "k-1"
+
+    downgrade(scratch_engine, "0007")
+    with scratch_engine.connect() as connection:
+        (count,) = connection.execute(text("SELECT count(*) FROM idempotency_keys")).one()
+    assert count == 1
+    assert "api_key_id" not in {
+        column["name"] for column in inspect(scratch_engine).get_columns("idempotency_keys")
+    }

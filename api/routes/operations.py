@@ -26,7 +26,7 @@ from api.schemas import (
 from models import idempotency
 from models import operation as operations
 from models.endpoint import get_endpoint
-from models.errors import NotFound, ValidationFailed
+from models.errors import NotFound
 from models.org import Scope
 from workers.enqueue import send_after_commit
 from workers.names import TaskName
@@ -49,6 +49,7 @@ def _migrate(
     endpoint_id: uuid.UUID,
     body: MigrateRequest,
     key: str | None,
+    api_key_id: uuid.UUID,
 ) -> dict[str, Any]:
     fingerprint = idempotency.request_fingerprint(
         str(endpoint_id), body.model_dump(exclude_unset=True)
@@ -57,17 +58,20 @@ def _migrate(
         get_endpoint(session, org_id, endpoint_id, for_update=True)  # serialise per endpoint
     except NotFound:
         # Deleted since the first request (its own migration may have finished): the first
-        # response still stands for this key and body; anything else stays 404.
+        # response still stands for this key and body; another body stays 404, and another
+        # API key's use of the key is 422 as ever.
         if key is not None:
             try:
-                stored = idempotency.recall(session, org_id, key, fingerprint)
-            except ValidationFailed:
+                stored = idempotency.recall(
+                    session, org_id, key, fingerprint, api_key_id=api_key_id
+                )
+            except idempotency.DifferentRequest:
                 stored = None
             if stored is not None:
                 return stored
         raise
     if key is not None:
-        stored = idempotency.recall(session, org_id, key, fingerprint)
+        stored = idempotency.recall(session, org_id, key, fingerprint, api_key_id=api_key_id)
         if stored is not None:
             return stored
     started = operations.start_migration(
@@ -85,7 +89,7 @@ def _migrate(
         "secret_displayed_once": True,
     }
     if key is not None:
-        idempotency.remember(session, org_id, key, fingerprint, response)
+        idempotency.remember(session, org_id, key, fingerprint, response, api_key_id=api_key_id)
     send_after_commit(session, TaskName.OPERATION_ADVANCE, started.operation.id)
     return response
 
@@ -109,7 +113,9 @@ async def migrate_endpoint(
     body = await read_json(request, MigrateRequest, optional=True)
     if idempotency_key is not None:
         idempotency.check_key(idempotency_key)
-    response = await caller.run(_migrate, endpoint_id, body, idempotency_key)
+    response = await caller.run(
+        _migrate, endpoint_id, body, idempotency_key, caller.principal.key_id
+    )
     return JSONResponse(response, status_code=202)
 
 

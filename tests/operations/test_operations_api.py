@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from models import clock
 from models import operation as operations
 from models.endpoint import WebhookEndpoint, signing_key
+from models.idempotency import IdempotencyKey
 from models.operation import Operation, OperationKind, Trigger
 from tests.api.helpers import (
     SECRET_RE,
@@ -412,6 +413,61 @@ def test_idempotency_keys_are_per_organization(client, database, tenant, source)
     assert mine.status_code == their.status_code == 202
     assert mine.json()["id"] != their.json()["id"]
     assert operation_count(database) == 2
+
+
+def test_a_stored_response_replays_only_to_the_api_key_that_made_it(
+    client, database, tenant, source
+):
+    """The first response holds a secret shown once: another API key of the organization
+    sending the same Idempotency-Key gets 422, never that body."""
+    key = {"Idempotency-Key": "mine"}
+    body = {"deadline_seconds": 600}
+    first = migrate(client, tenant, source["id"], body, **key)
+    assert first.status_code == 202, first.text
+    colleague = add_key(database, tenant, ["webhooks:read", "webhooks:write"])
+    for other_body in (body, {"deadline_seconds": 601}):
+        refused = migrate(client, colleague, source["id"], other_body, **key)
+        details = assert_validation(refused, "Idempotency-Key")
+        assert "another API key" in details["Idempotency-Key"]
+        assert first.json()["secret"] not in refused.text
+    assert operation_count(database) == 1
+    assert migrate(client, tenant, source["id"], body, **key).json() == first.json()
+    # The row stays bound to the key that made it.
+    (row,) = raw_rows(database, "idempotency_keys")
+    assert uuid.UUID(str(row["api_key_id"])) == tenant.key_id
+
+
+def test_another_api_key_gets_no_stored_response_after_the_migration_finished(
+    client, database, tenant, settings
+):
+    with overridden(settings, allow_insecure_urls=True), scripted_receiver(200) as receiver:
+        source = create(client, tenant, url=receiver.url)
+        key = {"Idempotency-Key": "finished"}
+        first = migrate(client, tenant, source["id"], **key)
+        assert first.status_code == 202, first.text
+        operation_id = uuid.UUID(first.json()["id"])
+        for _ in range(3):
+            advance(database, operation_id)
+        assert get_operation(client, tenant, str(operation_id))["state"] == "succeeded"
+    colleague = add_key(database, tenant, ["webhooks:write"])
+    refused = migrate(client, colleague, source["id"], **key)
+    assert "Idempotency-Key" in assert_validation(refused)
+    assert first.json()["secret"] not in refused.text
+    assert migrate(client, tenant, source["id"], **key).json() == first.json()
+
+
+def test_a_response_stored_before_keys_were_bound_replays_to_no_key(
+    client, database, tenant, source
+):
+    """Rows from before migration 0008 name no API key: refused to every key until they expire."""
+    key = {"Idempotency-Key": "legacy"}
+    first = migrate(client, tenant, source["id"], **key)
+    assert first.status_code == 202, first.text
+    with database.session() as session:
+        session.execute(update(IdempotencyKey).values(api_key_id=None))
+    refused = migrate(client, tenant, source["id"], **key)
+    assert "Idempotency-Key" in assert_validation(refused)
+    assert first.json()["secret"] not in refused.text
 
 
 def test_bad_idempotency_key_is_422(client, database, tenant, source):
