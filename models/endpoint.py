@@ -82,16 +82,14 @@ def new_secret() -> str:
     return base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
 
 
-def _secret_context(endpoint_id: uuid.UUID) -> str:
+def secret_context(endpoint_id: uuid.UUID) -> str:
     return f"webhook_endpoint.secret:{endpoint_id}"
 
 
 def seal_secret(session: Session, endpoint: WebhookEndpoint, secret: str) -> None:
-    seal_secret_bytes(session, endpoint, base64.b64decode(secret))
-
-
-def seal_secret_bytes(session: Session, endpoint: WebhookEndpoint, key: bytes) -> None:
-    endpoint.secret_ciphertext = box_of(session).encrypt(key, context=_secret_context(endpoint.id))
+    endpoint.secret_ciphertext = box_of(session).encrypt(
+        base64.b64decode(secret), context=secret_context(endpoint.id)
+    )
 
 
 def signing_key(session: Session, endpoint: WebhookEndpoint) -> bytes:
@@ -101,7 +99,7 @@ def signing_key(session: Session, endpoint: WebhookEndpoint) -> bytes:
 
 def decrypt_secret(session: Session, endpoint_id: uuid.UUID, ciphertext: bytes) -> bytes:
     """``signing_key`` from the columns alone (set-based reads load no endpoint objects)."""
-    return box_of(session).decrypt(ciphertext, context=_secret_context(endpoint_id))
+    return box_of(session).decrypt(ciphertext, context=secret_context(endpoint_id))
 
 
 # --- validation -------------------------------------------------------------------------------

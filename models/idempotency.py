@@ -61,7 +61,7 @@ class DifferentRequest(ValidationFailed):
         super().__init__({"Idempotency-Key": "was already used with a different request"})
 
 
-def _context(row_id: uuid.UUID) -> str:
+def response_context(row_id: uuid.UUID) -> str:
     return f"idempotency.response:{row_id}"
 
 
@@ -90,7 +90,7 @@ def recall(
     if row.request_sha256 != fingerprint:
         raise DifferentRequest()
     response: dict[str, Any] = json.loads(
-        box_of(session).decrypt(row.response_ciphertext, context=_context(row.id))
+        box_of(session).decrypt(row.response_ciphertext, context=response_context(row.id))
     )
     return response
 
@@ -115,7 +115,7 @@ def remember(
                     request_sha256=fingerprint,
                     api_key_id=api_key_id,
                     response_ciphertext=box_of(session).encrypt(
-                        json.dumps(response).encode(), context=_context(row_id)
+                        json.dumps(response).encode(), context=response_context(row_id)
                     ),
                     created_at=clock.now(),
                 )

@@ -226,7 +226,7 @@ class Started:
     secret: str | None  # shown once, in the response that started it (None: revealed later)
 
 
-def _secret_context(operation_id: uuid.UUID) -> str:
+def secret_context(operation_id: uuid.UUID) -> str:
     return f"operation.new_secret:{operation_id}"
 
 
@@ -292,7 +292,7 @@ def start_migration(
         updated_at=now,
     )
     operation.new_secret_ciphertext = box_of(session).encrypt(
-        base64.b64decode(secret), context=_secret_context(operation.id)
+        base64.b64decode(secret), context=secret_context(operation.id)
     )
     operation.steps = [
         OperationStep(id=new_id(), position=index, name=name, state=StepState.PENDING, attempts=0)
@@ -436,7 +436,7 @@ def new_secret_of(session: Session, operation: Operation) -> str:
     if operation.new_secret_ciphertext is None:
         raise Conflict("this operation has no endpoint secret")
     raw = box_of(session).decrypt(
-        operation.new_secret_ciphertext, context=_secret_context(operation.id)
+        operation.new_secret_ciphertext, context=secret_context(operation.id)
     )
     return base64.b64encode(raw).decode()
 
@@ -715,7 +715,7 @@ def _rotate_now(
     else:
         secret = org_secret.rotate(session, operation.org_id).secret
     operation.new_secret_ciphertext = box_of(session).encrypt(
-        base64.b64decode(secret), context=_secret_context(operation.id)
+        base64.b64decode(secret), context=secret_context(operation.id)
     )
     _begin_step(step, now)
     _succeed_step(step, now)
@@ -975,19 +975,3 @@ def overdue(session: Session, *, older_than: timedelta, limit: int = 500) -> lis
             .limit(limit)
         )
     )
-
-
-def reencrypt(session: Session) -> int:
-    box = box_of(session)
-    count = 0
-    for operation in session.scalars(
-        select(Operation).where(Operation.new_secret_ciphertext.is_not(None)).with_for_update()
-    ):
-        blob = operation.new_secret_ciphertext
-        if blob is not None and not box.is_current(blob):
-            raw = box.decrypt(blob, context=_secret_context(operation.id))
-            operation.new_secret_ciphertext = box.encrypt(
-                raw, context=_secret_context(operation.id)
-            )
-            count += 1
-    return count

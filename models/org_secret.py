@@ -82,7 +82,7 @@ class Rotation:
     previous_id: uuid.UUID | None
 
 
-def _context(secret_id: uuid.UUID) -> str:
+def secret_context(secret_id: uuid.UUID) -> str:
     return f"org_secret:{secret_id}"
 
 
@@ -118,7 +118,7 @@ def rotate(session: Session, org_id: uuid.UUID) -> Rotation:
     session.flush()
     raw = secrets.token_bytes(32)
     current = OrgSecret(id=new_id(), org_id=org_id, state=SecretState.CURRENT, created_at=now)
-    current.secret_ciphertext = box_of(session).encrypt(raw, context=_context(current.id))
+    current.secret_ciphertext = box_of(session).encrypt(raw, context=secret_context(current.id))
     session.add(current)
     session.flush()
     return Rotation(
@@ -146,7 +146,7 @@ def signing_keys(session: Session, org_id: uuid.UUID) -> list[bytes]:
             and (row.valid_until is None or row.valid_until <= now)
         ):
             continue
-        keys.append(box.decrypt(row.secret_ciphertext, context=_context(row.id)))
+        keys.append(box.decrypt(row.secret_ciphertext, context=secret_context(row.id)))
     return keys
 
 
@@ -186,16 +186,3 @@ def sweep(session: Session) -> list[float]:
         _expire(row, now, ExpiredBy.SWEEPER)
         lags.append(row.expiry_lag_seconds or 0.0)
     return lags
-
-
-def reencrypt(session: Session) -> int:
-    box = box_of(session)
-    count = 0
-    for row in session.scalars(
-        select(OrgSecret).where(OrgSecret.secret_ciphertext.is_not(None)).with_for_update()
-    ):
-        if row.secret_ciphertext is not None and not box.is_current(row.secret_ciphertext):
-            raw = box.decrypt(row.secret_ciphertext, context=_context(row.id))
-            row.secret_ciphertext = box.encrypt(raw, context=_context(row.id))
-            count += 1
-    return count
