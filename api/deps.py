@@ -68,15 +68,19 @@ def _principals(ttl_seconds: float) -> PrincipalCache:
     return PrincipalCache(ttl_seconds)
 
 
-async def authorize(request: Request, scope: Scope) -> Caller:
-    """The caller, authenticated and holding ``scope``; else 401, then 403."""
+async def authorize(request: Request, scope: Scope | None) -> Caller:
+    """The caller, authenticated and holding ``scope``; else 401, then 403.
+
+    ``None``: any valid key. The domain call then checks the scope the resource needs, after
+    its own 404 (the scope an operation needs depends on its kind).
+    """
     token = _bearer(request)
     db = get_database()
     principal = await authenticate(db.reads, token, _principals(db.settings.auth_cache_seconds))
     org_id = str(principal.org_id)
     request.state.org_id = org_id  # for the middleware's request log line
     logs.set_context(org_id=org_id)  # for every other line of this request
-    if scope not in principal.scopes:
+    if scope is not None and scope not in principal.scopes:
         raise Forbidden()
     return Caller(principal=principal, db=db)
 
@@ -90,13 +94,15 @@ def parse_id(value: str, field: str) -> uuid.UUID:
 
 
 @cache
-def require(scope: Scope) -> Callable[..., Any]:
-    """A dependency: the caller, authenticated and holding ``scope`` (memoised per scope)."""
+def require(scope: Scope | None) -> Callable[..., Any]:
+    """A dependency: the caller, authenticated and holding ``scope`` (memoised per scope;
+    ``None``: authenticated only, see ``authorize``)."""
 
     async def dependency(request: Request) -> Caller:
         return await authorize(request, scope)
 
-    dependency.__name__ = f"require_{scope.value.replace(':', '_')}"
+    name = "authenticated" if scope is None else scope.value.replace(":", "_")
+    dependency.__name__ = f"require_{name}"
     return dependency
 
 

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from models import clock
 from models.base import Base, IdMixin, UTCDateTime
 from models.db import box_of, settings_of
-from models.errors import Conflict, LimitExceeded, NotFound, ValidationFailed
+from models.errors import LimitExceeded, NotFound, ValidationFailed
 from models.events import SUBSCRIBABLE_EVENT_TYPES, SUPPORTED_API_VERSIONS, SYSTEM_EVENT_TYPES
 from models.ids import new_id
 from models.org import lock_org
@@ -82,16 +82,14 @@ def new_secret() -> str:
     return base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
 
 
-def _secret_context(endpoint_id: uuid.UUID) -> str:
+def secret_context(endpoint_id: uuid.UUID) -> str:
     return f"webhook_endpoint.secret:{endpoint_id}"
 
 
 def seal_secret(session: Session, endpoint: WebhookEndpoint, secret: str) -> None:
-    seal_secret_bytes(session, endpoint, base64.b64decode(secret))
-
-
-def seal_secret_bytes(session: Session, endpoint: WebhookEndpoint, key: bytes) -> None:
-    endpoint.secret_ciphertext = box_of(session).encrypt(key, context=_secret_context(endpoint.id))
+    endpoint.secret_ciphertext = box_of(session).encrypt(
+        base64.b64decode(secret), context=secret_context(endpoint.id)
+    )
 
 
 def signing_key(session: Session, endpoint: WebhookEndpoint) -> bytes:
@@ -101,7 +99,7 @@ def signing_key(session: Session, endpoint: WebhookEndpoint) -> bytes:
 
 def decrypt_secret(session: Session, endpoint_id: uuid.UUID, ciphertext: bytes) -> bytes:
     """``signing_key`` from the columns alone (set-based reads load no endpoint objects)."""
-    return box_of(session).decrypt(ciphertext, context=_secret_context(endpoint_id))
+    return box_of(session).decrypt(ciphertext, context=secret_context(endpoint_id))
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -291,6 +289,8 @@ def list_endpoints(
 
 
 UPDATABLE = frozenset({"url", "description", "events", "active"})
+# What a running migration copied or tests with: unchangeable while one uses the endpoint.
+PINNED = ("url", "events")
 
 
 def update_endpoint(
@@ -313,6 +313,10 @@ def update_endpoint(
         problems["active"] = "must be a boolean"
     _raise_if(problems)
     endpoint = get_endpoint(session, org_id, endpoint_id, for_update=True)
+    if any(field in changes and getattr(endpoint, field) != changes[field] for field in PINNED):
+        from models.operation import ensure_idle
+
+        ensure_idle(session, endpoint.id)
     changed = False
     for field in ("url", "events", "active"):
         if field in changes and getattr(endpoint, field) != changes[field]:
@@ -329,12 +333,11 @@ def update_endpoint(
 def delete_endpoint(session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID) -> WebhookEndpoint:
     """Soft delete: the row and its history stay, the endpoint stops receiving."""
     # Operations and deliveries build on endpoints, not the other way round.
-    from models.operation import active_for_endpoint
+    from models.operation import ensure_idle
+    from models.policy import end_policies_for_endpoint
 
     endpoint = get_endpoint(session, org_id, endpoint_id, for_update=True)
-    if active_for_endpoint(session, endpoint.id) is not None:
-        raise Conflict("a migration is running on this endpoint; cancel it first")
-    from models.policy import end_policies_for_endpoint
+    ensure_idle(session, endpoint.id)
 
     soft_delete(session, endpoint)
     end_policies_for_endpoint(session, endpoint.id)
@@ -344,17 +347,30 @@ def delete_endpoint(session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID)
 def soft_delete(session: Session, endpoint: WebhookEndpoint) -> None:
     """Mark deleted and abandon its pending deliveries (also used by safe migrate)."""
     from models.delivery import abandon_pending
+    from models.operation import forget_endpoint_secret
 
     now = clock.now()
     abandon_pending(session, endpoint.id)
+    forget_endpoint_secret(session, endpoint)
     endpoint.deleted_at = now
     endpoint.active = False
     endpoint.updated_at = now
 
 
-def rotate_secret(session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID) -> WithSecret:
-    """Replace the secret at once; no grace window (that is what safe migrate is for)."""
+def rotate_secret(
+    session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID, *, by: uuid.UUID | None = None
+) -> WithSecret:
+    """Replace the secret at once; no grace window (that is what safe migrate is for).
+
+    Refused (409) while a migration uses the endpoint: its in-band handoff is sealed under the
+    old secret, and the new endpoint's secret is the one the operation holds. ``by``: the
+    scheduled rotation doing this, which does not count as busy.
+    """
+    from models.operation import ensure_idle, forget_endpoint_secret
+
     endpoint = get_endpoint(session, org_id, endpoint_id, for_update=True)
+    ensure_idle(session, endpoint.id, besides=by)
+    forget_endpoint_secret(session, endpoint)
     secret = new_secret()
     seal_secret(session, endpoint, secret)
     endpoint.updated_at = clock.now()

@@ -1,7 +1,8 @@
 """``Idempotency-Key``: the same key and body return the first response again for 24 hours.
 
-The first response is kept sealed (it may carry a secret shown once); the same key with a
-different body is refused.
+The first response is kept sealed (it may carry a secret shown once) and bound to the API key
+that made it: only that API key gets it again. The same Idempotency-Key with a different body,
+or from another API key of the organization, is refused (422).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class IdempotencyKey(IdMixin, Base):
     org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
     key: Mapped[str] = mapped_column(String(MAX_KEY_LENGTH))
     request_sha256: Mapped[str] = mapped_column(String(64))
+    # The API key whose request made the response. None: stored before responses were bound
+    # to keys (migration 0008), and replayed to no key.
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"))
     response_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
@@ -50,14 +54,25 @@ def check_key(key: str) -> None:
         )
 
 
-def _context(row_id: uuid.UUID) -> str:
+class DifferentRequest(ValidationFailed):
+    """The key was used, by this API key, for another request."""
+
+    def __init__(self) -> None:
+        super().__init__({"Idempotency-Key": "was already used with a different request"})
+
+
+def response_context(row_id: uuid.UUID) -> str:
     return f"idempotency.response:{row_id}"
 
 
 def recall(
-    session: Session, org_id: uuid.UUID, key: str, fingerprint: str
+    session: Session, org_id: uuid.UUID, key: str, fingerprint: str, *, api_key_id: uuid.UUID
 ) -> dict[str, Any] | None:
-    """The stored first response for this key, None if unused (or expired); 422 on mismatch."""
+    """The stored first response for this key, None if unused (or expired).
+
+    422 when another API key made it (never its body: it may hold a secret shown once), and
+    ``DifferentRequest`` when this API key made it for another request.
+    """
     check_key(key)
     row = session.scalars(
         select(IdempotencyKey)
@@ -70,16 +85,24 @@ def recall(
         session.execute(delete(IdempotencyKey).where(IdempotencyKey.id == row.id))
         session.flush()
         return None
+    if row.api_key_id is None or row.api_key_id != api_key_id:
+        raise ValidationFailed({"Idempotency-Key": "was already used by another API key"})
     if row.request_sha256 != fingerprint:
-        raise ValidationFailed({"Idempotency-Key": "was already used with a different request"})
+        raise DifferentRequest()
     response: dict[str, Any] = json.loads(
-        box_of(session).decrypt(row.response_ciphertext, context=_context(row.id))
+        box_of(session).decrypt(row.response_ciphertext, context=response_context(row.id))
     )
     return response
 
 
 def remember(
-    session: Session, org_id: uuid.UUID, key: str, fingerprint: str, response: dict[str, Any]
+    session: Session,
+    org_id: uuid.UUID,
+    key: str,
+    fingerprint: str,
+    response: dict[str, Any],
+    *,
+    api_key_id: uuid.UUID,
 ) -> None:
     row_id = new_id()
     try:
@@ -90,8 +113,9 @@ def remember(
                     org_id=org_id,
                     key=key,
                     request_sha256=fingerprint,
+                    api_key_id=api_key_id,
                     response_ciphertext=box_of(session).encrypt(
-                        json.dumps(response).encode(), context=_context(row_id)
+                        json.dumps(response).encode(), context=response_context(row_id)
                     ),
                     created_at=clock.now(),
                 )
@@ -99,6 +123,4 @@ def remember(
     except IntegrityError:
         # A concurrent request with this key committed first. The same request would have
         # waited on the same endpoint's lock and found it in ``recall``: this one is another.
-        raise ValidationFailed(
-            {"Idempotency-Key": "was already used with a different request"}
-        ) from None
+        raise DifferentRequest() from None

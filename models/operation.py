@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -36,6 +36,7 @@ from sqlalchemy import (
     event,
     select,
     text,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, joinedload, mapped_column, relationship
@@ -54,8 +55,9 @@ from models.endpoint import (
     new_secret,
     soft_delete,
 )
-from models.errors import Conflict, LimitExceeded, NotFound, ValidationFailed
+from models.errors import Conflict, Forbidden, LimitExceeded, NotFound, ValidationFailed
 from models.ids import new_id
+from models.org import Scope
 from models.pagination import Page, paginate
 from models.reads import Query, Reads
 
@@ -141,6 +143,13 @@ class Operation(IdMixin, Base):
             sqlite_where=text("finished_at IS NULL"),
         ),
         Index("ix_operations_kind_state", "kind", "state"),  # /metrics counts by these
+        # The few operations still holding a secret, found when what they rotated changes.
+        Index(
+            "ix_operations_kept_secrets",
+            "org_id",
+            postgresql_where=text("new_secret_ciphertext IS NOT NULL"),
+            sqlite_where=text("new_secret_ciphertext IS NOT NULL"),
+        ),
     )
 
     org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
@@ -219,7 +228,7 @@ class Started:
     secret: str | None  # shown once, in the response that started it (None: revealed later)
 
 
-def _secret_context(operation_id: uuid.UUID) -> str:
+def secret_context(operation_id: uuid.UUID) -> str:
     return f"operation.new_secret:{operation_id}"
 
 
@@ -262,8 +271,7 @@ def start_migration(
     details = {field: problem for field, problem in problems.items() if problem}
     if details:
         raise ValidationFailed(details)
-    if active_for_endpoint(session, source.id) is not None:
-        raise Conflict("a migration is already running on this endpoint")
+    ensure_idle(session, source.id)
     now = clock.now()
     secret = new_secret()
     operation = Operation(
@@ -286,7 +294,7 @@ def start_migration(
         updated_at=now,
     )
     operation.new_secret_ciphertext = box_of(session).encrypt(
-        base64.b64decode(secret), context=_secret_context(operation.id)
+        base64.b64decode(secret), context=secret_context(operation.id)
     )
     operation.steps = [
         OperationStep(id=new_id(), position=index, name=name, state=StepState.PENDING, attempts=0)
@@ -298,7 +306,7 @@ def start_migration(
         # carries on after one, as the policy tick does, wraps the call in its own).
         session.flush()
     except IntegrityError:  # a concurrent migrate of the same endpoint won the race
-        raise Conflict("a migration is already running on this endpoint") from None
+        raise _busy(f"{source.id} is the source endpoint of another unfinished operation") from None
     return Started(operation=operation, secret=secret if reveal else None)
 
 
@@ -314,8 +322,7 @@ def start_rotation(
     (``endpoint_id`` None) of the organization's. The new secret is revealed once, on request."""
     if endpoint_id is not None:
         get_endpoint(session, org_id, endpoint_id, for_update=True)
-        if active_for_endpoint(session, endpoint_id) is not None:
-            raise Conflict("a migration is running on this endpoint")
+        ensure_idle(session, endpoint_id)
     now = clock.now()
     step = Step.ROTATE_SECRET if endpoint_id is not None else Step.ROTATE_ORG_SECRET
     operation = Operation(
@@ -345,15 +352,37 @@ def start_rotation(
     return operation
 
 
-def active_for_endpoint(session: Session, endpoint_id: uuid.UUID) -> Operation | None:
-    """The unfinished operation that uses ``endpoint_id`` as its source or its new endpoint."""
-    return session.scalars(
-        select(Operation).where(
-            Operation.finished_at.is_(None),
-            (Operation.source_endpoint_id == endpoint_id)
-            | (Operation.new_endpoint_id == endpoint_id),
-        )
-    ).first()
+def active_for_endpoint(
+    session: Session, endpoint_id: uuid.UUID, *, besides: uuid.UUID | None = None
+) -> Operation | None:
+    """The unfinished operation (other than ``besides``) that uses ``endpoint_id`` as its
+    source or its new endpoint."""
+    query = select(Operation).where(
+        Operation.finished_at.is_(None),
+        (Operation.source_endpoint_id == endpoint_id) | (Operation.new_endpoint_id == endpoint_id),
+    )
+    if besides is not None:
+        query = query.where(Operation.id != besides)
+    return session.scalars(query).first()
+
+
+def ensure_idle(
+    session: Session, endpoint_id: uuid.UUID, *, besides: uuid.UUID | None = None
+) -> None:
+    """409 CONFLICT, naming the operation, while an unfinished one uses the endpoint.
+
+    The one rule for every change a running migration depends on: starting another one,
+    deleting either endpoint of the pair, rotating its secret, changing its url or events
+    (docs/api.md, Conflicts). ``besides``: the operation making the change itself.
+    """
+    busy = active_for_endpoint(session, endpoint_id, besides=besides)
+    if busy is not None:
+        role = "source" if busy.source_endpoint_id == endpoint_id else "new"
+        raise _busy(f"{endpoint_id} is the {role} endpoint of unfinished operation {busy.id}")
+
+
+def _busy(detail: str) -> Conflict:
+    return Conflict("a migration is running on this endpoint", details={"endpoint_id": detail})
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -427,24 +456,88 @@ def new_secret_of(session: Session, operation: Operation) -> str:
     if operation.new_secret_ciphertext is None:
         raise Conflict("this operation has no endpoint secret")
     raw = box_of(session).decrypt(
-        operation.new_secret_ciphertext, context=_secret_context(operation.id)
+        operation.new_secret_ciphertext, context=secret_context(operation.id)
     )
     return base64.b64encode(raw).decode()
 
 
 def reveal_secret(
-    session: Session, org_id: uuid.UUID, operation_id: uuid.UUID
+    session: Session, org_id: uuid.UUID, operation_id: uuid.UUID, *, scopes: Collection[str]
 ) -> tuple[Operation, str]:
-    """Hand out the new endpoint's secret once, for operations no response revealed."""
-    operation = _locked(session, org_id, operation_id)
-    if operation.secret_revealed or operation.new_secret_ciphertext is None:
+    """Hand out the new secret once, for operations no response revealed (scheduled ones).
+
+    The stored copy goes with the reveal; a migration still running keeps it until it ends,
+    as its workers create the new endpoint with it (docs/api.md, Secrets' lifetimes).
+    """
+    operation = _locked(session, org_id, operation_id, scopes)
+    if operation.secret_revealed:
         raise Conflict("the secret of this operation was already revealed")
+    if operation.new_secret_ciphertext is None:
+        if operation.finished:
+            raise Conflict(
+                "this operation no longer holds a secret: it did not succeed, or what it "
+                "rotated has since been deleted or rotated again"
+            )
+        raise Conflict("this operation has not minted its new secret yet")
+    secret = new_secret_of(session, operation)
     operation.secret_revealed = True
     operation.updated_at = clock.now()
-    return operation, new_secret_of(session, operation)
+    if operation.finished:
+        operation.new_secret_ciphertext = None
+    return operation, secret
 
 
-def _locked(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> Operation:
+def forget_endpoint_secret(session: Session, endpoint: WebhookEndpoint) -> None:
+    """The endpoint's secret was replaced or the endpoint deleted: a finished operation's
+    unrevealed copy of that secret (the new endpoint's for a migration, the endpoint's own for
+    a scheduled rotate) is stale, and goes."""
+    session.execute(
+        update(Operation)
+        .where(
+            Operation.org_id == endpoint.org_id,
+            Operation.new_secret_ciphertext.is_not(None),
+            Operation.finished_at.is_not(None),
+            (Operation.new_endpoint_id == endpoint.id)
+            | (Operation.new_endpoint_id.is_(None) & (Operation.source_endpoint_id == endpoint.id)),
+        )
+        .values(new_secret_ciphertext=None)
+    )
+
+
+def forget_org_secret(session: Session, org_id: uuid.UUID) -> None:
+    """The organization secret was rotated again: finished org secret rotations' unrevealed
+    copies are no longer the current secret, and go."""
+    session.execute(
+        update(Operation)
+        .where(
+            Operation.org_id == org_id,
+            Operation.new_secret_ciphertext.is_not(None),
+            Operation.finished_at.is_not(None),
+            Operation.kind == OperationKind.ORG_SECRET_ROTATION,
+        )
+        .values(new_secret_ciphertext=None)
+    )
+
+
+def write_scope(kind: str) -> Scope:
+    """The scope that revealing or canceling an operation of ``kind`` needs.
+
+    An org secret rotation hands out (or stops) the organization's secret, which only
+    ``org:admin:write`` may rotate; every other kind is an endpoint's (docs/api.md, Scopes).
+    """
+    if kind == OperationKind.ORG_SECRET_ROTATION:
+        return Scope.ORG_ADMIN_WRITE
+    return Scope.WEBHOOKS_WRITE
+
+
+def _locked(
+    session: Session, org_id: uuid.UUID, operation_id: uuid.UUID, scopes: Collection[str]
+) -> Operation:
+    """The operation, locked, for a caller holding ``scopes``.
+
+    404 comes first, whatever the scopes: another organization's id (or an unknown one) says
+    nothing about what the key may do. Then 403 when the kind needs a scope the key lacks.
+    """
     operation = session.scalars(
         select(Operation)
         .where(Operation.id == operation_id, Operation.org_id == org_id)
@@ -452,12 +545,16 @@ def _locked(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> Ope
     ).one_or_none()
     if operation is None:
         raise NotFound()
+    if write_scope(operation.kind) not in scopes:
+        raise Forbidden()
     return operation
 
 
-def request_cancel(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> Operation:
+def request_cancel(
+    session: Session, org_id: uuid.UUID, operation_id: uuid.UUID, *, scopes: Collection[str]
+) -> Operation:
     """Ask for a roll back; refused once the old endpoint is deleted or the operation ended."""
-    operation = _locked(session, org_id, operation_id)
+    operation = _locked(session, org_id, operation_id, scopes)
     if operation.finished:
         raise Conflict("the operation has already ended")
     if operation.old_endpoint_deleted:
@@ -630,15 +727,15 @@ def _rotate_now(
     if step.name == Step.ROTATE_SECRET and operation.source_endpoint_id is not None:
         try:
             secret = endpoints.rotate_secret(
-                session, operation.org_id, operation.source_endpoint_id
+                session, operation.org_id, operation.source_endpoint_id, by=operation.id
             ).secret
-        except NotFound as exc:
+        except (NotFound, Conflict) as exc:
             _begin_step(step, now)
             return _roll_back(session, operation, OperationState.FAILED, now, exc.code, exc.message)
     else:
         secret = org_secret.rotate(session, operation.org_id).secret
     operation.new_secret_ciphertext = box_of(session).encrypt(
-        base64.b64decode(secret), context=_secret_context(operation.id)
+        base64.b64decode(secret), context=secret_context(operation.id)
     )
     _begin_step(step, now)
     _succeed_step(step, now)
@@ -832,16 +929,20 @@ def _delete_old_endpoint(
     )
     if source is not None and source.deleted_at is None:
         soft_delete(session, source)
-    if operation.policy_id is not None and operation.new_endpoint_id is not None:
-        from models.policy import follow_new_endpoint  # policies build on operations
+    if operation.source_endpoint_id is not None and operation.new_endpoint_id is not None:
+        from models.policy import follow_migration  # policies build on operations
 
-        follow_new_endpoint(session, operation.policy_id, operation.new_endpoint_id)
+        follow_migration(session, operation.source_endpoint_id, operation.new_endpoint_id)
     _begin_step(step, now)
     _succeed_step(step, now)
     return _finish(operation, OperationState.SUCCEEDED, now)
 
 
 def _finish(operation: Operation, state: OperationState, now: datetime) -> Advance:
+    # The workers are done with the new secret. Kept only while it is the live secret of what
+    # the operation made and nobody has seen it yet: reveal-secret is then its only way out.
+    if operation.secret_revealed or state != OperationState.SUCCEEDED:
+        operation.new_secret_ciphertext = None
     operation.state = state
     operation.finished_at = now
     operation.updated_at = now
@@ -894,19 +995,3 @@ def overdue(session: Session, *, older_than: timedelta, limit: int = 500) -> lis
             .limit(limit)
         )
     )
-
-
-def reencrypt(session: Session) -> int:
-    box = box_of(session)
-    count = 0
-    for operation in session.scalars(
-        select(Operation).where(Operation.new_secret_ciphertext.is_not(None)).with_for_update()
-    ):
-        blob = operation.new_secret_ciphertext
-        if blob is not None and not box.is_current(blob):
-            raw = box.decrypt(blob, context=_secret_context(operation.id))
-            operation.new_secret_ciphertext = box.encrypt(
-                raw, context=_secret_context(operation.id)
-            )
-            count += 1
-    return count

@@ -58,7 +58,8 @@ class OrgSecret(IdMixin, Base):
 
     org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
     state: Mapped[str] = mapped_column(String(16))
-    secret_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    # None once expired: a secret that no longer signs is not kept.
+    secret_ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # Set when the secret becomes previous: it signs while valid_until > now.
     valid_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -81,7 +82,7 @@ class Rotation:
     previous_id: uuid.UUID | None
 
 
-def _context(secret_id: uuid.UUID) -> str:
+def secret_context(secret_id: uuid.UUID) -> str:
     return f"org_secret:{secret_id}"
 
 
@@ -91,7 +92,10 @@ def rotate(session: Session, org_id: uuid.UUID) -> Rotation:
     Rotating again inside the window expires the older previous at once. Concurrent rotations
     of one organization serialise on the organization row.
     """
+    from models.operation import forget_org_secret  # operations build on org secrets
+
     lock_org(session, org_id)
+    forget_org_secret(session, org_id)
     now = clock.now()
     grace = timedelta(seconds=settings_of(session).org_secret_grace_seconds)
     rows = session.scalars(
@@ -114,7 +118,7 @@ def rotate(session: Session, org_id: uuid.UUID) -> Rotation:
     session.flush()
     raw = secrets.token_bytes(32)
     current = OrgSecret(id=new_id(), org_id=org_id, state=SecretState.CURRENT, created_at=now)
-    current.secret_ciphertext = box_of(session).encrypt(raw, context=_context(current.id))
+    current.secret_ciphertext = box_of(session).encrypt(raw, context=secret_context(current.id))
     session.add(current)
     session.flush()
     return Rotation(
@@ -137,16 +141,20 @@ def signing_keys(session: Session, org_id: uuid.UUID) -> list[bytes]:
     box = box_of(session)
     keys: list[bytes] = []
     for row in sorted(rows, key=lambda r: r.state != SecretState.CURRENT):
-        if row.state == SecretState.PREVIOUS and (
-            row.valid_until is None or row.valid_until <= now
+        if row.secret_ciphertext is None or (
+            row.state == SecretState.PREVIOUS
+            and (row.valid_until is None or row.valid_until <= now)
         ):
             continue
-        keys.append(box.decrypt(row.secret_ciphertext, context=_context(row.id)))
+        keys.append(box.decrypt(row.secret_ciphertext, context=secret_context(row.id)))
     return keys
 
 
 def _expire(row: OrgSecret, now: datetime, by: ExpiredBy) -> None:
+    """Past its grace (or cut short by the next rotation): it never signs again, so its
+    ciphertext goes; the row stays as the record of when and by what it expired."""
     row.state = SecretState.EXPIRED
+    row.secret_ciphertext = None
     row.expired_at = now
     row.expired_by = by
 
@@ -178,14 +186,3 @@ def sweep(session: Session) -> list[float]:
         _expire(row, now, ExpiredBy.SWEEPER)
         lags.append(row.expiry_lag_seconds or 0.0)
     return lags
-
-
-def reencrypt(session: Session) -> int:
-    box = box_of(session)
-    count = 0
-    for row in session.scalars(select(OrgSecret).with_for_update()):
-        if not box.is_current(row.secret_ciphertext):
-            raw = box.decrypt(row.secret_ciphertext, context=_context(row.id))
-            row.secret_ciphertext = box.encrypt(raw, context=_context(row.id))
-            count += 1
-    return count

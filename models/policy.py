@@ -241,11 +241,26 @@ def end_policies_for_endpoint(session: Session, endpoint_id: uuid.UUID) -> None:
     )
 
 
-def follow_new_endpoint(session: Session, policy_id: uuid.UUID, new_endpoint_id: uuid.UUID) -> None:
-    """After a scheduled safe migrate succeeds, the policy rotates the new endpoint next."""
+def follow_migration(
+    session: Session, old_endpoint_id: uuid.UUID, new_endpoint_id: uuid.UUID
+) -> None:
+    """After any safe migrate succeeds (manual or scheduled), the old endpoint's policy rotates
+    the new endpoint next; called in the transaction that deletes the old endpoint.
+
+    A new endpoint given a policy of its own while the migration ran keeps that one (one policy
+    per endpoint), and the old endpoint's policy ends with its endpoint, as on a delete.
+    """
+    own = session.scalar(
+        select(RotationPolicy.id).where(
+            RotationPolicy.endpoint_id == new_endpoint_id, RotationPolicy.deleted_at.is_(None)
+        )
+    )
+    if own is not None:
+        end_policies_for_endpoint(session, old_endpoint_id)
+        return
     session.execute(
         update(RotationPolicy)
-        .where(RotationPolicy.id == policy_id, RotationPolicy.deleted_at.is_(None))
+        .where(RotationPolicy.endpoint_id == old_endpoint_id, RotationPolicy.deleted_at.is_(None))
         .values(endpoint_id=new_endpoint_id, updated_at=clock.now())
     )
 

@@ -87,11 +87,12 @@ async def list_endpoints(
 @router.patch(
     "/{endpoint_id}",
     response_model=Endpoint,
-    responses=responses(401, 403, 404, 413, 422),
+    responses=responses(401, 403, 404, 409, 413, 422),
     openapi_extra=body_doc(EndpointUpdate),
 )
 async def update_endpoint(endpoint_id: uuid.UUID, request: Request, caller: Writer) -> JSONResponse:
-    """Change url, description (blank clears), events (replaces the set) or active."""
+    """Change url, description (blank clears), events (replaces the set) or active. While a
+    migration uses the endpoint, changing url or events is 409 CONFLICT."""
     body = await read_json(request, EndpointUpdate)
     changes = {field: getattr(body, field) for field in body.model_fields_set}
     endpoint = await caller.run(endpoints.update_endpoint, endpoint_id, changes)
@@ -102,7 +103,7 @@ async def update_endpoint(endpoint_id: uuid.UUID, request: Request, caller: Writ
     "/{endpoint_id}",
     status_code=204,
     response_class=Response,
-    responses=responses(401, 403, 404, 422),
+    responses=responses(401, 403, 404, 409, 422),
 )
 async def delete_endpoint(endpoint_id: uuid.UUID, caller: Writer) -> Response:
     """Soft delete: the endpoint stops receiving; its delivery history is kept."""
@@ -113,10 +114,11 @@ async def delete_endpoint(endpoint_id: uuid.UUID, caller: Writer) -> Response:
 @router.post(
     "/{endpoint_id}/rotate-secret",
     response_model=EndpointWithSecret,
-    responses=responses(401, 403, 404, 422),
+    responses=responses(401, 403, 404, 409, 422),
 )
 async def rotate_secret(endpoint_id: uuid.UUID, caller: Writer) -> JSONResponse:
-    """Replace the secret immediately, with no grace window. Shown once."""
+    """Replace the secret immediately, with no grace window. Shown once. 409 CONFLICT while a
+    migration uses the endpoint."""
     rotated = await caller.run(endpoints.rotate_secret, endpoint_id)
     return JSONResponse(endpoint_json(rotated.endpoint, secret=rotated.secret))
 

@@ -27,7 +27,7 @@ from api.schemas import (
 from models import idempotency
 from models import operation as operations
 from models.endpoint import get_endpoint
-from models.errors import DomainError, NotFound, ValidationFailed
+from models.errors import DomainError, NotFound
 from models.operation import Version
 from models.org import Scope
 from workers.enqueue import send_after_commit
@@ -37,6 +37,9 @@ router = APIRouter(tags=["operations"])
 
 Reader = Annotated[Caller, Depends(require(Scope.WEBHOOKS_READ))]
 Writer = Annotated[Caller, Depends(require(Scope.WEBHOOKS_WRITE))]
+# Reveal and cancel: the scope depends on the operation's kind (``operations.write_scope``),
+# checked once the operation is found, so another organization's id is 404 whatever the key.
+Acting = Annotated[Caller, Depends(require(None))]
 
 # An event stream polls the operation every SSE_POLL_S after a change, doubling up to
 # SSE_POLL_MAX_S while nothing changes; a comment line every SSE_KEEPALIVE_S of quiet keeps
@@ -52,6 +55,7 @@ def _migrate(
     endpoint_id: uuid.UUID,
     body: MigrateRequest,
     key: str | None,
+    api_key_id: uuid.UUID,
 ) -> dict[str, Any]:
     fingerprint = idempotency.request_fingerprint(
         str(endpoint_id), body.model_dump(exclude_unset=True)
@@ -60,17 +64,20 @@ def _migrate(
         get_endpoint(session, org_id, endpoint_id, for_update=True)  # serialise per endpoint
     except NotFound:
         # Deleted since the first request (its own migration may have finished): the first
-        # response still stands for this key and body; anything else stays 404.
+        # response still stands for this key and body; another body stays 404, and another
+        # API key's use of the key is 422 as ever.
         if key is not None:
             try:
-                stored = idempotency.recall(session, org_id, key, fingerprint)
-            except ValidationFailed:
+                stored = idempotency.recall(
+                    session, org_id, key, fingerprint, api_key_id=api_key_id
+                )
+            except idempotency.DifferentRequest:
                 stored = None
             if stored is not None:
                 return stored
         raise
     if key is not None:
-        stored = idempotency.recall(session, org_id, key, fingerprint)
+        stored = idempotency.recall(session, org_id, key, fingerprint, api_key_id=api_key_id)
         if stored is not None:
             return stored
     started = operations.start_migration(
@@ -88,7 +95,7 @@ def _migrate(
         "secret_displayed_once": True,
     }
     if key is not None:
-        idempotency.remember(session, org_id, key, fingerprint, response)
+        idempotency.remember(session, org_id, key, fingerprint, response, api_key_id=api_key_id)
     send_after_commit(session, TaskName.OPERATION_ADVANCE, started.operation.id)
     return response
 
@@ -112,7 +119,9 @@ async def migrate_endpoint(
     body = await read_json(request, MigrateRequest, optional=True)
     if idempotency_key is not None:
         idempotency.check_key(idempotency_key)
-    response = await caller.run(_migrate, endpoint_id, body, idempotency_key)
+    response = await caller.run(
+        _migrate, endpoint_id, body, idempotency_key, caller.principal.key_id
+    )
     return JSONResponse(response, status_code=202)
 
 
@@ -227,8 +236,10 @@ def _frame(sequence: int, operation: dict[str, Any]) -> str:
     return f"event: operation\nid: {sequence}\ndata: {json.dumps(operation)}\n\n"
 
 
-def _cancel(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> dict[str, Any]:
-    operation = operations.request_cancel(session, org_id, operation_id)
+def _cancel(
+    session: Session, org_id: uuid.UUID, operation_id: uuid.UUID, scopes: frozenset[str]
+) -> dict[str, Any]:
+    operation = operations.request_cancel(session, org_id, operation_id, scopes=scopes)
     send_after_commit(session, TaskName.OPERATION_ADVANCE, operation.id)
     return operation_json(operation)
 
@@ -239,14 +250,18 @@ def _cancel(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> dic
     response_model=OperationOut,
     responses=responses(401, 403, 404, 409, 422),
 )
-async def cancel_operation(operation_id: uuid.UUID, caller: Writer) -> JSONResponse:
+async def cancel_operation(operation_id: uuid.UUID, caller: Acting) -> JSONResponse:
     """Roll back: the new endpoint is deleted, the old one stays. 409 once the old endpoint is
-    deleted or the operation has ended."""
-    return JSONResponse(await caller.run(_cancel, operation_id), status_code=202)
+    deleted or the operation has ended. Scope: ``org:admin:write`` for an
+    ``org_secret_rotation``, ``webhooks:write`` for any other kind."""
+    response = await caller.run(_cancel, operation_id, caller.principal.scopes)
+    return JSONResponse(response, status_code=202)
 
 
-def _reveal(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> dict[str, Any]:
-    operation, secret = operations.reveal_secret(session, org_id, operation_id)
+def _reveal(
+    session: Session, org_id: uuid.UUID, operation_id: uuid.UUID, scopes: frozenset[str]
+) -> dict[str, Any]:
+    operation, secret = operations.reveal_secret(session, org_id, operation_id, scopes=scopes)
     return {
         "operation_id": str(operation.id),
         "new_endpoint_id": None
@@ -262,6 +277,8 @@ def _reveal(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> dic
     response_model=RevealedSecret,
     responses=responses(401, 403, 404, 409, 422),
 )
-async def reveal_secret(operation_id: uuid.UUID, caller: Writer) -> JSONResponse:
-    """The new endpoint's secret, once, for operations no response revealed (scheduled ones)."""
-    return JSONResponse(await caller.run(_reveal, operation_id))
+async def reveal_secret(operation_id: uuid.UUID, caller: Acting) -> JSONResponse:
+    """The new endpoint's secret, once, for operations no response revealed (scheduled ones).
+    Scope: ``org:admin:write`` for an ``org_secret_rotation``, ``webhooks:write`` for any
+    other kind."""
+    return JSONResponse(await caller.run(_reveal, operation_id, caller.principal.scopes))

@@ -26,6 +26,7 @@ from models.delivery import Delivery, DeliveryKind, DeliveryState
 from models.endpoint import WebhookEndpoint, create_endpoint, signing_key
 from models.errors import Conflict
 from models.operation import Operation, OperationKind, OperationState, OperationStep, Trigger
+from models.org import ALL_SCOPES
 from receiver import BadSignature, verify
 from schedules.ticks import reconcile_operations
 from tests.conftest import overridden
@@ -139,7 +140,7 @@ def arrived(receiver: ScriptedReceiver, count: int) -> list[Received]:
 
 def cancel(database, tenant: Tenant, operation_id: uuid.UUID) -> None:
     with database.session() as session:
-        operations.request_cancel(session, tenant.org_id, operation_id)
+        operations.request_cancel(session, tenant.org_id, operation_id, scopes=ALL_SCOPES)
 
 
 def waited(operation: Operation) -> float:
@@ -626,11 +627,11 @@ def test_scheduled_rotation_keeps_its_secret_until_revealed(database, tenant, ac
     assert operation.state == OperationState.SUCCEEDED
     assert operation.kind == OperationKind.SCHEDULED_ROTATION
     with database.session() as session:
-        _, secret = operations.reveal_secret(session, tenant.org_id, op_id)
+        _, secret = operations.reveal_secret(session, tenant.org_id, op_id, scopes=ALL_SCOPES)
     (probe,) = arrived(accepting, 1)
     assert verify(probe.headers, probe.body, [secret]).secret_index == 0
     with pytest.raises(Conflict), database.session() as session:
-        operations.reveal_secret(session, tenant.org_id, op_id)
+        operations.reveal_secret(session, tenant.org_id, op_id, scopes=ALL_SCOPES)
 
 
 # --- what one advance costs the database -----------------------------------------------------

@@ -31,7 +31,7 @@ from models.db import Database
 from models.endpoint import WebhookEndpoint, create_endpoint
 from models.errors import Conflict
 from models.operation import TERMINAL_STATES, Operation, OperationState, Step, StepState
-from models.org import create_org
+from models.org import ALL_SCOPES, create_org
 from receiver import DemoReceiver
 from tests.conftest import overridden
 from tests.receivers import loopback_demo_receiver
@@ -156,7 +156,7 @@ def _crash_mid_probe(run: Run, receiver: DemoReceiver) -> None:
 def _cancel(run: Run) -> None:
     try:
         with run.db.session() as session:
-            operations.request_cancel(session, run.org_id, run.operation_id)
+            operations.request_cancel(session, run.org_id, run.operation_id, scopes=ALL_SCOPES)
     except Conflict:
         return  # already ended, or past the point of no return: refusing is correct
     run.cancel_accepted = True

@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from models import clock
 from models import operation as operations
 from models.endpoint import WebhookEndpoint, signing_key
+from models.idempotency import IdempotencyKey
 from models.operation import Operation, OperationKind, Trigger
 from tests.api.helpers import (
     SECRET_RE,
@@ -317,6 +318,62 @@ def test_each_route_needs_its_scope(client, database, tenant):
         assert allowed.status_code in (200, 202), (url, allowed.text)
 
 
+def test_reveal_and_cancel_of_an_org_secret_rotation_need_org_admin_write(client, database, tenant):
+    """An org secret rotation hands out the organization's secret: org:admin:write, not
+    webhooks:write. Other kinds keep webhooks:write. 404 comes before 403, whatever the scopes,
+    so another organization's id says nothing."""
+    endpoint_id = uuid.UUID(create(client, tenant)["id"])
+    with database.session() as session:
+        pending = operations.start_rotation(
+            session, tenant.org_id, None, policy_id=None, scheduled_for=None
+        ).id
+        done = operations.start_rotation(
+            session, tenant.org_id, None, policy_id=None, scheduled_for=None
+        ).id
+        endpoint_rotation = operations.start_rotation(
+            session,
+            tenant.org_id,
+            endpoint_id,
+            policy_id=None,
+            scheduled_for=None,
+        ).id
+    run_step(database, str(done))
+    run_step(database, str(endpoint_rotation))
+    webhooks_writer = add_key(database, tenant, ["webhooks:read", "webhooks:write", "events:write"])
+    admin = add_key(database, tenant, ["org:admin:write"])
+    reader = add_key(database, tenant, ["webhooks:read"])
+
+    def post(operation_id: uuid.UUID | str, action: str, who: Tenant):
+        return client.post(f"/v1/operations/{operation_id}/{action}", headers=who.headers)
+
+    other = make_tenant(database, name="Other")
+    for scopes in ([], ["webhooks:read"], ["webhooks:write"], ["org:admin:write"]):
+        outsider = add_key(database, other, scopes) if scopes else other
+        for operation_id in (pending, done, endpoint_rotation):
+            for action in ("cancel", "reveal-secret"):
+                assert_error(post(operation_id, action, outsider), 404, "NOT_FOUND", "not found")
+    for who in (webhooks_writer, admin, reader):
+        for action in ("cancel", "reveal-secret"):
+            assert_error(post(MISSING_ID, action, who), 404, "NOT_FOUND")
+    assert client.post(f"/v1/operations/{done}/reveal-secret").status_code == 401
+
+    for who in (webhooks_writer, reader):
+        for operation_id, action in ((pending, "cancel"), (done, "reveal-secret")):
+            assert_error(
+                post(operation_id, action, who), 403, "FORBIDDEN", "missing required scope"
+            )
+    assert get_operation(client, tenant, str(pending))["state"] == "pending"  # not canceled
+    revealed = post(done, "reveal-secret", admin)  # the refusals did not use the reveal up
+    assert revealed.status_code == 200, revealed.text
+    assert SECRET_RE.match(revealed.json()["secret"])
+    canceled = post(pending, "cancel", admin)
+    assert canceled.status_code == 202, canceled.text
+
+    # An endpoint's rotation is still webhooks:write's, and org:admin:write alone is not enough.
+    assert_error(post(endpoint_rotation, "reveal-secret", admin), 403, "FORBIDDEN")
+    assert post(endpoint_rotation, "reveal-secret", webhooks_writer).status_code == 200
+
+
 # --- Idempotency-Key ----------------------------------------------------------------------------
 
 
@@ -356,6 +413,61 @@ def test_idempotency_keys_are_per_organization(client, database, tenant, source)
     assert mine.status_code == their.status_code == 202
     assert mine.json()["id"] != their.json()["id"]
     assert operation_count(database) == 2
+
+
+def test_a_stored_response_replays_only_to_the_api_key_that_made_it(
+    client, database, tenant, source
+):
+    """The first response holds a secret shown once: another API key of the organization
+    sending the same Idempotency-Key gets 422, never that body."""
+    key = {"Idempotency-Key": "mine"}
+    body = {"deadline_seconds": 600}
+    first = migrate(client, tenant, source["id"], body, **key)
+    assert first.status_code == 202, first.text
+    colleague = add_key(database, tenant, ["webhooks:read", "webhooks:write"])
+    for other_body in (body, {"deadline_seconds": 601}):
+        refused = migrate(client, colleague, source["id"], other_body, **key)
+        details = assert_validation(refused, "Idempotency-Key")
+        assert "another API key" in details["Idempotency-Key"]
+        assert first.json()["secret"] not in refused.text
+    assert operation_count(database) == 1
+    assert migrate(client, tenant, source["id"], body, **key).json() == first.json()
+    # The row stays bound to the key that made it.
+    (row,) = raw_rows(database, "idempotency_keys")
+    assert uuid.UUID(str(row["api_key_id"])) == tenant.key_id
+
+
+def test_another_api_key_gets_no_stored_response_after_the_migration_finished(
+    client, database, tenant, settings
+):
+    with overridden(settings, allow_insecure_urls=True), scripted_receiver(200) as receiver:
+        source = create(client, tenant, url=receiver.url)
+        key = {"Idempotency-Key": "finished"}
+        first = migrate(client, tenant, source["id"], **key)
+        assert first.status_code == 202, first.text
+        operation_id = uuid.UUID(first.json()["id"])
+        for _ in range(3):
+            advance(database, operation_id)
+        assert get_operation(client, tenant, str(operation_id))["state"] == "succeeded"
+    colleague = add_key(database, tenant, ["webhooks:write"])
+    refused = migrate(client, colleague, source["id"], **key)
+    assert "Idempotency-Key" in assert_validation(refused)
+    assert first.json()["secret"] not in refused.text
+    assert migrate(client, tenant, source["id"], **key).json() == first.json()
+
+
+def test_a_response_stored_before_keys_were_bound_replays_to_no_key(
+    client, database, tenant, source
+):
+    """Rows from before migration 0009 name no API key: refused to every key until they expire."""
+    key = {"Idempotency-Key": "legacy"}
+    first = migrate(client, tenant, source["id"], **key)
+    assert first.status_code == 202, first.text
+    with database.session() as session:
+        session.execute(update(IdempotencyKey).values(api_key_id=None))
+    refused = migrate(client, tenant, source["id"], **key)
+    assert "Idempotency-Key" in assert_validation(refused)
+    assert first.json()["secret"] not in refused.text
 
 
 def test_bad_idempotency_key_is_422(client, database, tenant, source):
@@ -498,6 +610,64 @@ def test_the_new_endpoint_of_a_running_migration_is_busy_too(client, database, t
         deleted = client.delete(f"/v1/webhooks/{endpoint_id}", headers=tenant.headers)
         assert_error(deleted, 409, "CONFLICT")
     assert operation_count(database) == 1
+
+
+def test_a_running_migration_pins_the_secret_url_and_events_of_both_endpoints(
+    client, database, tenant, source
+):
+    """rotate-secret, and a PATCH of url or events, on either endpoint of an unfinished
+    migration are 409 CONFLICT naming the operation, as DELETE is; active and description
+    may still change."""
+    operation = started(client, tenant, source["id"])
+    run_step(database, operation["id"])
+    new_id = get_operation(client, tenant, operation["id"])["new_endpoint_id"]
+    assert new_id is not None
+    before = {row["id"]: row for row in raw_rows(database, "webhook_endpoints")}
+    for endpoint_id, role in ((source["id"], "source"), (new_id, "new")):
+        path = f"/v1/webhooks/{endpoint_id}"
+        current = client.get(path, headers=tenant.headers).json()
+        for method, url, body in [
+            ("POST", f"{path}/rotate-secret", None),
+            ("PATCH", path, {"url": "https://elsewhere.example.com/hooks"}),
+            ("PATCH", path, {"events": ["campaign.approved"]}),
+            ("PATCH", path, {"events": current["events"], "url": "https://x.example.com/h"}),
+            ("DELETE", path, None),
+            ("POST", f"/v1/webhooks/{endpoint_id}/migrate", None),
+        ]:
+            response = client.request(method, url, json=body, headers=tenant.headers)
+            error = assert_error(response, 409, "CONFLICT")
+            assert error["details"] == {
+                "endpoint_id": f"{endpoint_id} is the {role} endpoint of unfinished operation "
+                f"{operation['id']}"
+            }, (method, url, body)
+            assert "secret" not in response.json()
+        # What the migration does not depend on may change, and so may nothing at all.
+        for body in (
+            {"active": False, "description": "paused during the move"},
+            {"active": True},
+            {"url": current["url"], "events": current["events"]},
+        ):
+            response = client.patch(path, json=body, headers=tenant.headers)
+            assert response.status_code == 200, (body, response.text)
+        shown = client.get(path, headers=tenant.headers).json()
+        assert (shown["url"], shown["events"]) == (current["url"], current["events"])
+        assert shown["description"] == "paused during the move"
+    after = {row["id"]: row for row in raw_rows(database, "webhook_endpoints")}
+    for row_id, row in after.items():
+        assert row["secret_ciphertext"] == before[row_id]["secret_ciphertext"]
+        assert row["deleted_at"] is None
+
+    # Once the migration has ended, the endpoint it leaves is free again.
+    client.post(f"/v1/operations/{operation['id']}/cancel", headers=tenant.headers)
+    run_step(database, operation["id"])
+    rotated = client.post(f"/v1/webhooks/{source['id']}/rotate-secret", headers=tenant.headers)
+    assert rotated.status_code == 200, rotated.text
+    moved = client.patch(
+        f"/v1/webhooks/{source['id']}",
+        json={"url": "https://elsewhere.example.com/hooks"},
+        headers=tenant.headers,
+    )
+    assert moved.status_code == 200, moved.text
 
 
 # --- listing ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import uuid
 
 from models.endpoint import create_endpoint
 from models.operation import begin_advance, request_cancel, start_migration
+from models.org import ALL_SCOPES
 from receiver import DemoReceiver, serve
 from rotator.cli import main
 from rotator.opsview import watch
@@ -41,7 +42,7 @@ def test_list_shows_operations_newest_first_and_filters(database, capsys):
 def test_watch_exits_non_zero_for_an_operation_that_did_not_succeed(database, capsys):
     tenant, _, started = _migration(database)
     with database.session() as session:
-        request_cancel(session, tenant.org_id, started.operation.id)
+        request_cancel(session, tenant.org_id, started.operation.id, scopes=ALL_SCOPES)
     with database.session() as session:
         begin_advance(session, started.operation.id)
     assert main(["ops", "watch", str(started.operation.id)]) == 1

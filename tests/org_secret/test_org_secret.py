@@ -205,3 +205,47 @@ def test_a_missing_org_signature_is_a_verification_error_for_org_receivers(datab
     headers, body = _signed_delivery(database, tenant)
     with pytest.raises(MissingHeaders):
         verify(headers, body, [base64.b64encode(bytes(32)).decode()], scheme="org")
+
+
+def _ciphertexts(database, org_id):
+    """Each org secret row's state and whether it still holds a ciphertext, oldest first."""
+    with database.engine.connect() as connection:
+        rows = connection.execute(
+            select(OrgSecret.state, OrgSecret.secret_ciphertext)
+            .where(OrgSecret.org_id == org_id)
+            .order_by(OrgSecret.created_at)
+        ).all()
+    return [(state, blob is not None) for state, blob in rows]
+
+
+@pytest.mark.parametrize("expired_by", ["task", "sweeper"])
+def test_an_org_secret_loses_its_ciphertext_when_it_expires_after_its_grace(
+    client, database, expired_by
+):
+    tenant = make_tenant(database)
+    _rotate(client, tenant)
+    _rotate(client, tenant)
+    previous = _rows(database, tenant.org_id)[0]
+    assert _ciphertexts(database, tenant.org_id) == [("previous", True), ("current", True)]
+    clock.travel(timedelta(seconds=301))
+    with database.session() as session:
+        if expired_by == "task":
+            assert org_secret.expire_one(session, previous.id) is True
+        else:
+            assert len(org_secret.sweep(session)) == 1
+    assert _ciphertexts(database, tenant.org_id) == [("expired", False), ("current", True)]
+    assert _rows(database, tenant.org_id)[0].expired_by == expired_by
+    # The current one still signs, alone.
+    headers, body = _signed_delivery(database, tenant)
+    assert headers["X-AmCore-Org-Signature"].count("v1=") == 1
+
+
+def test_an_org_secret_cut_short_by_the_next_rotation_loses_its_ciphertext(client, database):
+    tenant = make_tenant(database)
+    for _ in range(3):
+        _rotate(client, tenant)
+    assert _ciphertexts(database, tenant.org_id) == [
+        ("expired", False),
+        ("previous", True),
+        ("current", True),
+    ]

@@ -26,6 +26,7 @@ from models import policy as policies
 from models.db import Database
 from models.endpoint import WebhookEndpoint, create_endpoint, signing_key
 from models.operation import Operation, OperationKind, OperationState, StepState, Trigger
+from models.org import ALL_SCOPES
 from models.org_secret import OrgSecret, SecretState
 from models.policy import RotationPolicy, Run, run_due
 from receiver import DemoReceiver, serve
@@ -335,7 +336,7 @@ def test_a_busy_endpoint_skips_the_run_and_moves_the_schedule(database, tenant, 
 
     # Once the migration has ended, the next due time runs.
     with database.session() as session:
-        operations.request_cancel(session, tenant.org_id, migration.id)
+        operations.request_cancel(session, tenant.org_id, migration.id, scopes=ALL_SCOPES)
     advance(database, migration.id)
     assert load_operation(database, migration.id).finished
     to(due + HOUR + timedelta(seconds=2))
@@ -674,6 +675,64 @@ def test_after_a_scheduled_safe_migrate_the_policy_follows_the_new_endpoint(
     to(after.next_run_at + timedelta(seconds=1))
     (run,) = tick(database)
     assert load_operation(database, run.operation_id).source_endpoint_id == new_id
+
+
+def test_after_a_manual_safe_migrate_the_policy_follows_the_new_endpoint(
+    client, database, tenant, demo_receiver
+):
+    """The policy moves with any migrate that succeeds, not only its own runs: left on the
+    deleted endpoint, its tick would skip it forever."""
+    receiver, url = demo_receiver
+    created = add_endpoint(database, tenant, url)
+    receiver.set_secrets([created.secret])
+    old_id = created.endpoint.id
+    policy = endpoint_policy(database, tenant, old_id)
+    response = client.post(f"/v1/webhooks/{old_id}/migrate", headers=tenant.headers)
+    assert response.status_code == 202, response.text
+    receiver.add_secret(response.json()["secret"])
+
+    operation = _drive(database, uuid.UUID(response.json()["id"]))
+
+    assert operation.state == OperationState.SUCCEEDED, (operation.error_code, operation.steps)
+    assert operation.policy_id is None  # a manual migrate, not a run of the policy
+    new_id = operation.new_endpoint_id
+    assert new_id is not None
+    after = load_policy(database, policy.id)
+    assert (after.endpoint_id, after.deleted_at) == (new_id, None)
+    assert after.next_run_at == policy.next_run_at  # the schedule is the policy's own
+    shown = client.get(f"/v1/rotation-policies/{policy.id}", headers=tenant.headers).json()
+    assert shown["endpoint_id"] == str(new_id)
+
+    to(after.next_run_at + timedelta(seconds=1))
+    (run,) = tick(database)
+    assert run.operation_id is not None  # not skipped as the deleted endpoint's would be
+    assert load_operation(database, run.operation_id).source_endpoint_id == new_id
+
+
+def test_a_new_endpoint_with_a_policy_of_its_own_keeps_it_and_the_old_policy_ends(
+    client, database, tenant, demo_receiver
+):
+    receiver, url = demo_receiver
+    created = add_endpoint(database, tenant, url)
+    receiver.set_secrets([created.secret])
+    old_policy = endpoint_policy(database, tenant, created.endpoint.id)
+    response = client.post(f"/v1/webhooks/{created.endpoint.id}/migrate", headers=tenant.headers)
+    assert response.status_code == 202, response.text
+    receiver.add_secret(response.json()["secret"])
+    operation_id = uuid.UUID(response.json()["id"])
+    advance(database, operation_id)  # create_endpoint
+    new_id = load_operation(database, operation_id).new_endpoint_id
+    assert new_id is not None
+    own = endpoint_policy(database, tenant, new_id, interval_seconds=2 * HOUR_S)
+
+    operation = _drive(database, operation_id)
+
+    assert operation.state == OperationState.SUCCEEDED, (operation.error_code, operation.steps)
+    assert load_policy(database, own.id).endpoint_id == new_id
+    assert load_policy(database, own.id).deleted_at is None
+    ended = load_policy(database, old_policy.id)
+    assert ended.endpoint_id == created.endpoint.id
+    assert ended.deleted_at is not None
 
 
 def test_an_in_band_scheduled_safe_migrate_hands_the_secret_to_the_receiver(
