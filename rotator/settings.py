@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     # ones are not: a server restart then costs one failed unit of work, not a ping per use.
     db_ping_after_idle_seconds: float = Field(default=10.0, ge=0)
 
+    # Log lines: "auto" writes readable lines when stderr is a terminal and JSON lines (one
+    # object each) otherwise; "json" and "human" force one of them (docs/operating.md, Logs).
+    log_format: Literal["auto", "json", "human"] = "auto"
+
     @field_validator("encryption_keys", mode="before")
     @classmethod
     def _keys_from_csv(cls, value: object) -> object:
