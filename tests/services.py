@@ -292,7 +292,9 @@ class Services:
     project reads its settings at import), the servers start with :meth:`start`."""
 
     def __init__(self, database_url: str | None, broker_url: str | None) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="rotator-test-services-")).resolve()
+        # Named now (the URLs need it), made by start(): a run that never starts leaves nothing.
+        name = f"rotator-test-services-{secrets.token_hex(6)}"
+        self.folder = Path(tempfile.gettempdir()).resolve() / name
         self.postgres: EmbeddedPostgres | None = None
         self.own_database: OwnDatabase | None = None
         self.redis: RedisServer | None = None
@@ -324,6 +326,7 @@ class Services:
         started = time.monotonic()
         self._reaper = reaper = Reaper()
         reaper.watch("folder", path=str(self.folder))
+        self.folder.mkdir(mode=0o700)
         if self.own_database:
             reaper.watch("database", server_url=self.own_database.server_url,
                          name=self.own_database.name)  # fmt: skip
