@@ -30,7 +30,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # Both passes: the embedded defaults (SQLite, in-memory broker), then the real services
-# (PostgreSQL and Redis; see README "Testing"). The real pass fails if they are unreachable.
+# (PostgreSQL and Redis; see docs/operating.md, Testing). Nothing has to be running: the real
+# pass starts a throwaway PostgreSQL and Redis of its own (installed with the dev extras) and
+# stops them at the end, unless ROTATOR_TEST_DATABASE_URL / ROTATOR_TEST_BROKER_URL name
+# running ones (then it creates, and drops, a database of its own on that PostgreSQL).
 test: lint test-embedded test-real
 
 test-embedded: $(STAMP) browser

@@ -1,8 +1,9 @@
 """A small demo webhook receiver: verifies Rotator deliveries and keeps a log of what arrived.
 
-``rotator receiver --port 9000 --secret B64`` runs it (docs/receivers.md); tests and operators
-point endpoints at it to watch deliveries and secret rotations from the receiving side.
-Standard library and ``receiver`` only, so it runs without the rest of Rotator.
+``rotator receiver --port 9000 --secret-file FILE`` runs it (docs/receivers.md); tests and
+operators point endpoints at it to watch deliveries and secret rotations from the receiving side.
+Standard library and the rest of ``receiver`` only (whose handoff needs ``cryptography``), so it
+runs without the rest of Rotator.
 
 HTTP surface:
 

@@ -8,6 +8,7 @@ import os
 import sys
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rotator.settings import ConfigurationError, generate_key, get_settings
@@ -171,11 +172,39 @@ def cmd_secrets_reencrypt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _receiver_secrets(values: list[str], path: str | None, variable: str, flag: str) -> list[str]:
+    """Secrets from ``flag`` (repeatable), else ``flag``-file (one per line), else the
+    comma-separated environment ``variable``: arguments are visible to every user of the
+    machine (ps), a file or the environment are not. Errors never echo a secret."""
+    if values and path:
+        raise ValueError(f"give {flag} or {flag}-file, not both")
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not text"
+            raise ValueError(f"cannot read {flag}-file {path}: {reason}") from None
+        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if values:
+        return values
+    return [item.strip() for item in os.environ.get(variable, "").split(",") if item.strip()]
+
+
 def cmd_receiver(args: argparse.Namespace) -> int:
     from receiver.server import DemoReceiver, run
 
     try:
-        demo = DemoReceiver(args.secret, org_secrets=args.org_secret, tolerance_s=args.tolerance)
+        secrets = _receiver_secrets(
+            args.secret, args.secret_file, "ROTATOR_RECEIVER_SECRETS", "--secret"
+        )
+        if not secrets:
+            raise ValueError(
+                "no endpoint secret: give --secret, --secret-file or ROTATOR_RECEIVER_SECRETS"
+            )
+        org_secrets = _receiver_secrets(
+            args.org_secret, args.org_secret_file, "ROTATOR_RECEIVER_ORG_SECRETS", "--org-secret"
+        )
+        demo = DemoReceiver(secrets, org_secrets=org_secrets, tolerance_s=args.tolerance)
     except ValueError as exc:  # the message never echoes the secret
         print(f"rotator: {exc}", file=sys.stderr)
         return 2
@@ -251,12 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     rec = commands.add_parser("receiver", help="run the demo webhook receiver")
     rec.add_argument("--host", default="127.0.0.1")
     rec.add_argument("--port", type=int, default=9000)
+    # Secrets in arguments are visible to every user of the machine: prefer a file or the
+    # environment (ROTATOR_RECEIVER_SECRETS, ROTATOR_RECEIVER_ORG_SECRETS; comma separated).
     rec.add_argument(
-        "--secret", action="append", required=True, help="endpoint secret (base64), newest first"
+        "--secret", action="append", default=[], help="endpoint secret (base64), newest first"
     )
+    rec.add_argument("--secret-file", help="endpoint secrets, one per line, newest first")
     rec.add_argument(
         "--org-secret", action="append", default=[], help="org secret: also check the org signature"
     )
+    rec.add_argument("--org-secret-file", help="org secrets, one per line")
     rec.add_argument("--tolerance", type=int, default=300, help="max timestamp age in seconds")
     rec.set_defaults(func=cmd_receiver)
     return parser

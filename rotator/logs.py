@@ -1,8 +1,10 @@
 """Structured logs: one JSON object per line, with the request / operation / task in context.
 
 ``configure_logging(settings)`` installs one stderr handler on the root logger with
-``JsonFormatter`` and ``ContextFilter``; every process calls it from its command-line entry
-point (and Celery's ``setup_logging`` signal, so Celery leaves logging to us). Context travels in
+``JsonFormatter`` (or ``HumanFormatter``: ``ROTATOR_LOG_FORMAT``, by default readable lines when
+stderr is a terminal), ``ContextFilter`` and ``PeriodicTicksAtDebug``; every process calls it
+from its command-line entry point (and Celery's ``setup_logging`` signal, so Celery leaves
+logging to us). Context travels in
 context variables: the request middleware binds ``request_id`` (and ``org_id`` once a caller
 authenticated), Celery's task signals bind ``task_id``, and the operation worker binds
 ``operation_id``; every record emitted meanwhile carries them.
@@ -17,12 +19,13 @@ import json
 import logging
 import logging.config
 import re
+import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 
 from rotator.settings import Settings
 
@@ -95,8 +98,31 @@ class ContextFilter(logging.Filter):
         return True
 
 
+def _fields(record: logging.LogRecord, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The record's context fields, then its ``extra=`` fields (secret-looking ones blanked)."""
+    entry: dict[str, Any] = {}
+    for name in CONTEXT_FIELDS:
+        value = getattr(record, name, None)
+        if value is not None:
+            entry[name] = str(value)
+    fields = record.__dict__
+    for name in sorted(fields.keys() - _RECORD_ATTRS - skip):
+        if name in entry or name.startswith("_"):
+            continue
+        entry[name] = REDACTED if _secret_looking(name) else fields[name]
+    return entry
+
+
+def _exception(record: logging.LogRecord) -> str | None:
+    if record.exc_info:
+        return "".join(traceback.format_exception(*record.exc_info)).rstrip()
+    return record.exc_text or None
+
+
 class JsonFormatter(logging.Formatter):
     """``{"ts", "level", "logger", "message", <context>, <extra fields>, "exc"?}`` per line."""
+
+    _OWN = frozenset({"ts", "level", "logger", "message"})
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -105,22 +131,77 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for name in CONTEXT_FIELDS:
-            value = getattr(record, name, None)
-            if value is not None:
-                entry[name] = str(value)
-        fields = record.__dict__
-        for name in sorted(fields.keys() - _RECORD_ATTRS):
-            if name in entry or name.startswith("_"):
-                continue
-            entry[name] = REDACTED if _secret_looking(name) else fields[name]
-        if record.exc_info:
-            entry["exc"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
-        elif record.exc_text:
-            entry["exc"] = record.exc_text
+        entry.update(_fields(record, self._OWN))
+        exc = _exception(record)
+        if exc:
+            entry["exc"] = exc
         if record.stack_info:
             entry["stack"] = record.stack_info
         return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class HumanFormatter(logging.Formatter):
+    """``16:51:37.100 INFO    rotator.dev: message  key=value ...`` for a person at a terminal:
+    local time, the same fields as the JSON lines (secret-looking ones blanked), a traceback on
+    the lines below."""
+
+    # Celery repeats its message as a ``data`` dict: the JSON lines keep it, people need it once.
+    _SKIP = frozenset({"data"})
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        line = f"{when}.{int(record.msecs):03d} {record.levelname:<7} {record.name}: "
+        line += record.getMessage()
+        fields = _fields(record, self._SKIP)
+        if fields:
+            line += "  " + " ".join(f"{name}={value}" for name, value in fields.items())
+        exc = _exception(record)
+        if exc:
+            line += "\n" + exc
+        if record.stack_info:
+            line += "\n" + record.stack_info
+        return line
+
+
+class PeriodicTicksAtDebug(logging.Filter):
+    """Celery's INFO lines about beat's periodic ticks (sent, received, succeeded) become DEBUG
+    lines: several every 15 seconds would drown what happens. A tick that finds work logs its
+    own INFO line (schedules/ticks.py). ``level`` is the configured level: below DEBUG's, the
+    demoted lines are dropped here (the loggers already let them through as INFO)."""
+
+    def __init__(self, level: str = "INFO") -> None:
+        super().__init__()
+        from schedules.beat import TICKS
+
+        self.ticks = frozenset(str(name) for name, _ in TICKS)
+        threshold = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        self.shown = threshold <= logging.DEBUG
+
+    def _is_tick(self, record: logging.LogRecord) -> bool:
+        if record.name == "celery.beat":  # everything beat sends is a periodic tick
+            return str(record.msg).startswith("Scheduler: Sending due task")
+        data = getattr(record, "data", None)  # celery.worker.strategy, celery.app.trace
+        return isinstance(data, dict) and data.get("name") in self.ticks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not record.name.startswith("celery."):
+            return True
+        if not self._is_tick(record):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return self.shown
+
+
+def human_format(settings: Settings, stream: IO[str] | None = None) -> bool:
+    """Whether log lines are written for a person: ``ROTATOR_LOG_FORMAT=human``, or ``auto``
+    (the default) and ``stream`` (stderr, where the lines go) is a terminal."""
+    if settings.log_format != "auto":
+        return settings.log_format == "human"
+    stream = sys.stderr if stream is None else stream
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
 
 
 def logging_config(settings: Settings) -> dict[str, Any]:
@@ -129,14 +210,20 @@ def logging_config(settings: Settings) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"context": {"()": "rotator.logs.ContextFilter"}},
-        "formatters": {"json": {"()": "rotator.logs.JsonFormatter"}},
+        "filters": {
+            "context": {"()": "rotator.logs.ContextFilter"},
+            "ticks": {"()": "rotator.logs.PeriodicTicksAtDebug", "level": level},
+        },
+        "formatters": {
+            "json": {"()": "rotator.logs.JsonFormatter"},
+            "human": {"()": "rotator.logs.HumanFormatter"},
+        },
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "stream": "ext://sys.stderr",
-                "formatter": "json",
-                "filters": ["context"],
+                "formatter": "human" if human_format(settings) else "json",
+                "filters": ["context", "ticks"],
             }
         },
         "root": {"level": level, "handlers": ["stderr"]},
@@ -154,7 +241,8 @@ def logging_config(settings: Settings) -> dict[str, Any]:
 
 
 def configure_logging(settings: Settings) -> None:
-    """JSON lines on stderr for this process, at ``ROTATOR_LOG_LEVEL``. Idempotent."""
+    """Log lines on stderr for this process (JSON, or readable ones: ``human_format``), at
+    ``ROTATOR_LOG_LEVEL``. Idempotent."""
     # The lines never show the caller's file and line, thread or process: spare every record
     # those lookups (the logging HOWTO's "Optimization").
     logging._srcfile = None

@@ -89,13 +89,49 @@ def render(operation: Operation) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _facts(operation: Operation) -> dict[str, str]:
+    """What ``watch`` reports line by line off a terminal, in the order it prints them: the
+    endpoints, each step (state, tries, last error), then the operation's state (and error).
+    Relative times are left out: they change on every poll without anything happening."""
+    facts = {"endpoints": f"{operation.source_endpoint_id} -> {operation.new_endpoint_id or '-'}"}
+    for step in operation.steps:
+        fact = f"{step.state} tries={step.attempts}"
+        if step.next_attempt_at is not None and step.state == StepState.RUNNING:
+            fact += f" next_attempt={_short(step.next_attempt_at)}"
+        if step.last_error:
+            fact += f" last_error={step.last_error}"
+        facts[f"step {step.name}"] = fact
+    state = str(operation.state)
+    if operation.error_code:
+        state += f" error={operation.error_code}: {operation.error_message}"
+    facts["state"] = state
+    return facts
+
+
+def change_lines(
+    operation: Operation, before: dict[str, str] | None, facts: dict[str, str]
+) -> list[str]:
+    """One line per fact that changed since ``before`` (every fact the first time)."""
+    prefix = f"{clock.rfc3339(clock.now())} operation {operation.id}"
+    lines = []
+    if before is None:
+        lines.append(f"{prefix} {operation.kind} trigger={operation.trigger}")
+    for name, value in facts.items():
+        if before is None or before.get(name) != value:
+            lines.append(f"{prefix} {name} {value}")
+    return lines
+
+
 def watch(
     db: Database, operation_id: uuid.UUID, out: TextIO | None = None, *, interval: float = 0.5
 ) -> int:
-    """Redraw the operation until it ends: 0 when it succeeded, 1 when it ended otherwise."""
+    """Follow the operation until it ends: 0 when it succeeded, 1 when it ended otherwise.
+
+    On a terminal the view is redrawn in place; otherwise (a pipe, a log file, CI) each change
+    is one line, so the output reads as a log."""
     out = out or sys.stdout
     live = out.isatty()
-    last = ""
+    last_facts: dict[str, str] | None = None
     try:
         while True:
             with db.session() as session:
@@ -103,14 +139,15 @@ def watch(
                 if operation is None:
                     out.write(f"operation {operation_id} not found\n")
                     return EXIT_NOT_FOUND
-                screen = render(operation)
+                if live:
+                    out.write("\x1b[H\x1b[2J" + render(operation))
+                else:
+                    facts = _facts(operation)
+                    for line in change_lines(operation, last_facts, facts):
+                        out.write(line + "\n")
+                    last_facts = facts
                 finished, state = operation.finished, operation.state
-            if live:
-                out.write("\x1b[H\x1b[2J" + screen)
-            elif screen != last:
-                out.write(screen + "\n")
             out.flush()
-            last = screen
             if finished:
                 return EXIT_SUCCEEDED if state == OperationState.SUCCEEDED else EXIT_ENDED_OTHERWISE
             time.sleep(interval)

@@ -159,6 +159,10 @@ class Settings(BaseSettings):
             )
         return self
 
+    # Log lines: "auto" writes readable lines when stderr is a terminal and JSON lines (one
+    # object each) otherwise; "json" and "human" force one of them (docs/operating.md, Logs).
+    log_format: Literal["auto", "json", "human"] = "auto"
+
     @field_validator("encryption_keys", mode="before")
     @classmethod
     def _keys_from_csv(cls, value: object) -> object:

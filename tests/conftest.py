@@ -1,9 +1,11 @@
 """Test harness: one suite, two backends.
 
 ``ROTATOR_TEST_BACKEND=embedded`` (the default) runs on a SQLite file and Celery's in-memory
-broker; ``ROTATOR_TEST_BACKEND=real`` runs on the PostgreSQL and Redis named by
-``ROTATOR_TEST_DATABASE_URL`` / ``ROTATOR_TEST_BROKER_URL``. The real pass fails at once, and
-never skips, when either service is unreachable.
+broker; ``ROTATOR_TEST_BACKEND=real`` runs on PostgreSQL and Redis (see tests/services.py): by
+default a throwaway server of each that the run starts and stops itself; with
+``ROTATOR_TEST_DATABASE_URL`` / ``ROTATOR_TEST_BROKER_URL``, servers that are already running
+(on PostgreSQL, in a database of the run's own, dropped at the end). The real pass fails at
+once, and never skips, when a service cannot be started or reached.
 
 The schema is built by Alembic once per run; every test starts from empty tables.
 """
@@ -24,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from tests.services import ServiceError, Services
+
 BACKEND = os.environ.get("ROTATOR_TEST_BACKEND", "embedded")
 if BACKEND not in ("embedded", "real"):
     raise RuntimeError(f"ROTATOR_TEST_BACKEND must be 'embedded' or 'real', not {BACKEND!r}")
@@ -31,11 +35,13 @@ if BACKEND not in ("embedded", "real"):
 _DATA_DIR = Path(tempfile.mkdtemp(prefix="rotator-tests-"))
 TEST_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
 
+SERVICES: Services | None = None
 if BACKEND == "real":
-    DATABASE_URL = os.environ.get(
-        "ROTATOR_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+    SERVICES = Services(
+        database_url=os.environ.get("ROTATOR_TEST_DATABASE_URL") or None,
+        broker_url=os.environ.get("ROTATOR_TEST_BROKER_URL") or None,
     )
-    BROKER_URL = os.environ.get("ROTATOR_TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
+    DATABASE_URL, BROKER_URL = SERVICES.database_url, SERVICES.broker_url
 else:
     DATABASE_URL = f"sqlite:///{_DATA_DIR / 'rotator.db'}"
     BROKER_URL = "memory://localhost/"
@@ -62,31 +68,6 @@ from rotator.settings import Settings, get_settings  # noqa: E402
 from tests.processes import rotator_env, start_beat, start_worker, stop  # noqa: E402
 from tests.receivers import loopback_demo_receiver  # noqa: E402
 
-
-def _require_services() -> None:
-    """Fail the run (exit code 3) when the real backend's services do not answer."""
-    import redis
-    from sqlalchemy import create_engine
-
-    problems = []
-    try:
-        engine = create_engine(
-            DATABASE_URL.replace("postgresql://", "postgresql+psycopg://", 1),
-            connect_args={"connect_timeout": 3},
-        )
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-        engine.dispose()
-    except Exception as exc:
-        problems.append(f"PostgreSQL at {DATABASE_URL}: {type(exc).__name__}: {exc}")
-    try:
-        redis.Redis.from_url(BROKER_URL, socket_connect_timeout=3).ping()
-    except Exception as exc:
-        problems.append(f"Redis at {BROKER_URL}: {type(exc).__name__}: {exc}")
-    if problems:
-        pytest.exit("real backend unreachable:\n  " + "\n  ".join(problems), returncode=3)
-
-
 # Tests that touch neither the database nor the broker (the receiver kit, the HTTP sender,
 # settings, compose, the browser page and the dev walk-through, which runs on its own SQLite
 # file) say nothing new in the real pass: it leaves them to the embedded pass.
@@ -97,6 +78,7 @@ BACKEND_INDEPENDENT = (
     "tests/test_settings.py",
     "tests/test_celery_config.py",
     "tests/e2e/test_dev_walkthrough.py",
+    "tests/e2e/test_dev_logs.py",
     "tests/e2e/test_ops_page.py",
 )
 
@@ -116,24 +98,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    where = DATABASE_URL.split("@")[-1]
-    return f"rotator backend: {BACKEND} (database {where}, broker {BROKER_URL})"
+    if SERVICES is None:
+        return f"rotator backend: {BACKEND} (SQLite, in-memory broker)"
+    return f"rotator backend: {BACKEND} ({SERVICES.describe()})"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if SERVICES is not None and SERVICES.start_seconds:
+        terminalreporter.write_line(
+            f"rotator test services: started in {SERVICES.start_seconds:.2f}s, "
+            f"stopped in {SERVICES.stop_seconds:.2f}s"
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)
 def database() -> Iterator[Database]:
-    if BACKEND == "real":
-        _require_services()
-    get_settings.cache_clear()
-    db = get_database()
-    if db.dialect == "postgresql":
-        with db.engine.begin() as connection:
-            connection.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
-            connection.execute(text("CREATE SCHEMA public"))
-    db.create_schema()
-    yield db
-    db.dispose()
-    set_database(None)
+    """The pass's database, schema built; in the real pass, the services started for the run
+    and stopped after it, whatever the outcome (failures, Ctrl-C, pytest.exit)."""
+    try:
+        if SERVICES is not None:
+            try:
+                SERVICES.start()
+            except ServiceError as exc:
+                pytest.exit(f"real backend unavailable: {exc}", returncode=3)
+        get_settings.cache_clear()
+        db = get_database()
+        db.create_schema()
+        try:
+            yield db
+        finally:
+            db.dispose()
+            set_database(None)
+    finally:
+        if SERVICES is not None:
+            SERVICES.stop()
 
 
 @pytest.fixture(autouse=True)

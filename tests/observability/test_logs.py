@@ -1,8 +1,9 @@
-"""rotator.logs: the JSON formatter, the context fields, and where they get bound."""
+"""rotator.logs: JSON and readable lines, the context fields, and where they get bound."""
 
 import asyncio
 import json
 import logging
+import re
 import threading
 from contextvars import copy_context
 
@@ -200,3 +201,84 @@ def test_one_line_per_request_with_request_id_and_org_id(client, database, caplo
     assert "org_id" not in refused
     assert tenant.api_key not in caplog.text
     assert "limit" not in json.dumps(ok), "no query string"
+
+
+# --- readable lines on a terminal ---------------------------------------------------------------
+
+
+@pytest.fixture
+def terminal():
+    """A real terminal (a pseudo-terminal's other end) as a text stream, and a plain file."""
+    import os
+    import pty
+
+    controller, device = pty.openpty()
+    with open(device, "w") as stream:
+        yield stream
+    os.close(controller)
+
+
+@pytest.mark.parametrize(
+    ("log_format", "on_terminal", "human"),
+    [
+        ("auto", True, True),
+        ("auto", False, False),
+        ("json", True, False),
+        ("human", False, True),
+    ],
+)
+def test_the_format_follows_the_setting_and_whether_stderr_is_a_terminal(
+    settings, terminal, tmp_path, log_format, on_terminal, human
+):
+    assert terminal.isatty()
+    with (tmp_path / "file.log").open("w") as plain:
+        stream = terminal if on_terminal else plain
+        chosen = logs.human_format(settings.model_copy(update={"log_format": log_format}), stream)
+    assert chosen is human
+
+
+def test_configure_logging_on_a_terminal_installs_readable_lines(
+    settings, terminal, monkeypatch, restore_logging
+):
+    monkeypatch.setattr("sys.stderr", terminal)
+    configure_logging(settings)
+    assert [type(h.formatter) for h in logging.getLogger().handlers] == [logs.HumanFormatter]
+    configure_logging(settings.model_copy(update={"log_format": "json"}))
+    assert [type(h.formatter) for h in logging.getLogger().handlers] == [JsonFormatter]
+
+
+def test_a_readable_line_has_time_level_logger_message_and_fields():
+    with bound(operation_id="op1"):
+        record = _record(attempt=2, new_secret="c2VjcmV0", data={"name": "celery's copy"})
+        ContextFilter().filter(record)
+    line = logs.HumanFormatter().format(record)
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d\.\d{3} INFO    rotator\.test: hello world  "
+        r"operation_id=op1 attempt=2 new_secret=\[redacted\]",
+        line,
+    ), line
+
+
+def test_a_readable_line_puts_the_traceback_below():
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        record = _record(level=logging.ERROR, exc_info=sys.exc_info())
+    first, *rest = logs.HumanFormatter().format(record).splitlines()
+    assert first.endswith("ERROR   rotator.test: hello world")
+    assert rest[0] == "Traceback (most recent call last):"
+    assert rest[-1] == "ValueError: boom"
+
+
+def test_log_format_is_read_from_the_environment_and_checked(monkeypatch):
+    from pydantic import ValidationError
+
+    from rotator.settings import Settings
+
+    monkeypatch.setenv("ROTATOR_LOG_FORMAT", "json")
+    assert Settings().log_format == "json"
+    monkeypatch.setenv("ROTATOR_LOG_FORMAT", "pretty")
+    with pytest.raises(ValidationError, match="log_format"):
+        Settings()

@@ -1,6 +1,9 @@
 """``rotator ops list`` and ``rotator ops watch``, against the test database."""
 
 import io
+import os
+import pty
+import re
 import threading
 import uuid
 
@@ -78,7 +81,31 @@ def test_watch_follows_a_live_migration_until_it_succeeds(database):
         server.shutdown()
         server.server_close()
     assert result == [0]
-    screens = out.getvalue().split("operation ")
-    assert len(screens) >= 2  # it redrew as the steps moved
-    assert "succeeded" in screens[-1]
-    assert "✓ delete_old_endpoint" in screens[-1]
+    # Not a terminal: one line per change, each a timestamp, the operation and what changed.
+    lines = out.getvalue().splitlines()
+    prefix = re.compile(rf"^\S+Z operation {started.operation.id} ")
+    assert all(prefix.match(line) for line in lines), lines
+    changes = [prefix.sub("", line) for line in lines]
+    assert changes[0] == "safe_migrate trigger=api"
+    assert len(changes) == len(set(changes)), "a line repeats what did not change"
+    assert changes[-1] == "state succeeded"
+    assert "step delete_old_endpoint succeeded tries=1" in changes
+    assert "\x1b" not in out.getvalue()
+
+
+def test_watch_on_a_terminal_redraws_the_whole_view(database):
+    tenant, _, started = _migration(database)
+    with database.session() as session:
+        request_cancel(session, tenant.org_id, started.operation.id, scopes=ALL_SCOPES)
+    with database.session() as session:
+        begin_advance(session, started.operation.id)
+    controller, device = pty.openpty()
+    try:
+        with open(device, "w") as terminal:
+            assert watch(database, started.operation.id, terminal) == 1
+        screen = os.read(controller, 65536).decode()
+    finally:
+        os.close(controller)
+    assert screen.startswith("\x1b[H\x1b[2J")
+    assert "STEP" in screen
+    assert "canceled" in screen

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -423,3 +424,76 @@ def test_rotator_receiver_cli_refuses_a_bad_secret_without_echoing_it(tmp_path: 
     out = log.read_text()
     assert "secret" in out
     assert "hunter2" not in out
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("source", ["environment", "file"])
+def test_rotator_receiver_takes_secrets_from_the_environment_or_a_file(
+    tmp_path: Any, source: str
+) -> None:
+    """Not from the command line, which every user of the machine can read (ps)."""
+    port = free_port()
+    command = [str(BIN / "rotator"), "receiver", "--port", str(port)]
+    env = rotator_env()
+    if source == "environment":
+        env["ROTATOR_RECEIVER_SECRETS"] = f"{NEW_SECRET}, {OLD_SECRET}"
+        env["ROTATOR_RECEIVER_ORG_SECRETS"] = ORG_SECRET
+    else:
+        (tmp_path / "secrets").write_text(f"# newest first\n{NEW_SECRET}\n\n{OLD_SECRET}\n")
+        (tmp_path / "org-secrets").write_text(f"{ORG_SECRET}\n")
+        command += ["--secret-file", str(tmp_path / "secrets")]
+        command += ["--org-secret-file", str(tmp_path / "org-secrets")]
+    log = tmp_path / "receiver.log"
+    proc = start(command, env, log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/healthz", proc, log)
+        visible = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        with httpx.Client(base_url=base, timeout=5) as http:
+            statuses = {}
+            for name, secret, org in (
+                ("old", OLD_SECRET, ORG_SECRET),
+                ("new", NEW_SECRET, ORG_SECRET),
+                ("wrong", WRONG_SECRET, ORG_SECRET),
+                ("wrong_org", OLD_SECRET, WRONG_SECRET),
+            ):
+                body = event_body(f"evt_{name}")
+                headers = signed(body, secret, msg_id=f"evt_{name}", org=(org,))
+                statuses[name] = post(http, body, headers).status_code
+    finally:
+        stop(proc)
+    assert statuses == {"old": 200, "new": 200, "wrong": 401, "wrong_org": 401}
+    out = log.read_text()
+    for secret in (OLD_SECRET, NEW_SECRET, ORG_SECRET):
+        assert secret.encode() not in visible
+        assert secret not in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "environment", "message"),
+    [
+        ([], {}, "no endpoint secret: give --secret, --secret-file or ROTATOR_RECEIVER_SECRETS"),
+        ([], {"ROTATOR_RECEIVER_SECRETS": " , "}, "no endpoint secret"),
+        (["--secret", OLD_SECRET, "--secret-file", "FILE"], {}, "--secret or --secret-file"),
+        (["--secret-file", "MISSING"], {}, "cannot read --secret-file"),
+        (["--secret-file", "FILE"], {"ROTATOR_RECEIVER_ORG_SECRETS": "hunter2=="}, "not valid"),
+        (["--secret-file", "BAD"], {}, "not valid"),
+    ],
+)
+def test_rotator_receiver_refuses_missing_or_bad_secrets_without_echoing_them(
+    tmp_path: Any, monkeypatch: Any, capsys: Any, argv: list[str], environment: dict, message: str
+) -> None:
+    from rotator.cli import main
+
+    (tmp_path / "FILE").write_text(f"{OLD_SECRET}\n")
+    (tmp_path / "BAD").write_text("hunter2==\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ROTATOR_RECEIVER_SECRETS", raising=False)
+    monkeypatch.delenv("ROTATOR_RECEIVER_ORG_SECRETS", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert main(["receiver", "--port", "0", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "hunter2" not in err
+    assert OLD_SECRET not in err
