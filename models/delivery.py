@@ -385,7 +385,7 @@ def envelope_bytes(event: Event, api_version: str) -> bytes:
     ).encode()
 
 
-def _lease(session: Session, now: datetime) -> datetime:
+def lease_end(session: Session, now: datetime) -> datetime:
     """How long a claimed attempt is left alone: its whole request (a total deadline, see
     workers/http.py) and its record, with room to spare. Past it, the attempt counts as lost
     and the delivery is due again."""
@@ -425,7 +425,7 @@ def claim_many(
     if not ids:
         return []
     now = clock.now()
-    lease = _lease(session, now)
+    lease = lease_end(session, now)
     # Claimed before and never recorded, lease over: that attempt's outcome went down with
     # its worker. It is logged as lost when the delivery is claimed again. (``claim_due``
     # already knows which of its choices those are.)

@@ -803,10 +803,9 @@ def _start_probe(
     plan = deliveries.claim(session, probe_id)
     operation.probe_delivery_id = probe_id
     _begin_step(step, now)
-    timeout = timedelta(seconds=settings_of(session).delivery_timeout_seconds)
-    # Leased while the test delivery is in flight: the reconciler leaves the operation alone
-    # until the request's timeout (plus its own reconcile_after) has passed.
-    operation.next_advance_at = now + timeout
+    # Leased while the test delivery is in flight, as long as the delivery itself: the
+    # reconciler leaves the operation alone until then (plus its own reconcile_after).
+    operation.next_advance_at = deliveries.lease_end(session, now)
     return Advance(
         probe_delivery_id=operation.probe_delivery_id, probe=plan, deliver_first=deliver_first
     )

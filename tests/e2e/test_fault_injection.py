@@ -71,7 +71,7 @@ OVERRIDES: dict[str, Any] = {
 # timeout (the reconciler must not re-send a probe that is merely slow), so that case is
 # bounded by the lease.
 DB_STEP_BOUND_S = 30.0
-PROBE_STEP_BOUND_S = DELIVERY_TIMEOUT_S + RECONCILE_AFTER_S + SLOW_ANSWER_S + 15.0
+PROBE_STEP_BOUND_S = 2 * DELIVERY_TIMEOUT_S + 5 + RECONCILE_AFTER_S + SLOW_ANSWER_S + 15.0
 FLUSH_BOUND_S = 60.0
 
 
