@@ -2,14 +2,17 @@
 
 Two sources, merged at scrape time:
 
-- **The database is the truth.** Counts of operations and delivery attempts, the oldest
-  unfinished operation, the org-secret sweeper's lag and beat's last tick are read from the
-  tables when scraped (``DatabaseCollector``: a handful of aggregate queries on indexed
-  columns). Nothing to keep in step across processes, and correct however many workers run.
-- **Histograms observed where things happen**: step durations (``workers/operations.py``) and
-  delivery latency (``workers/deliveries.py``). With ``ROTATOR_METRICS_DIR`` set, every process
-  writes them to files there (prometheus_client's multiprocess mode) and ``/metrics`` reads them
-  all; unset, each process keeps them in memory and shows its own.
+- **The database is the truth** for counts of operations, the oldest unfinished operation, the
+  org-secret sweeper's lag and beat's last tick, read from the tables when scraped
+  (``DatabaseCollector``: a handful of queries answered from indexes, over tables that grow
+  with rotations, not with traffic). Correct however many workers run.
+- **Observed where things happen**: step durations (``workers/operations.py``), and per
+  delivery attempt its latency and a count by outcome (``workers/deliveries.py``). Counting the
+  attempts there, rather than in ``delivery_attempts`` at every scrape, keeps a scrape's cost
+  flat while that table grows with traffic (docs/operating.md, "Metrics"). With
+  ``ROTATOR_METRICS_DIR`` set, every process writes them to files there (prometheus_client's
+  multiprocess mode) and ``/metrics`` reads them all; unset, each process keeps them in memory
+  and shows its own.
 
 Observing never raises: a metrics problem must not fail a delivery or a step.
 """
@@ -26,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from functools import cache
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest, values
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -45,6 +48,8 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 STEP_DURATION = "rotator_operation_step_duration_seconds"
 DELIVERY_LATENCY = "rotator_delivery_latency_seconds"
+DELIVERY_ATTEMPTS = "rotator_delivery_attempts"  # exposed as rotator_delivery_attempts_total
+_ATTEMPTS_HELP = "Delivery attempts made, by outcome (counted by the processes that make them)."
 # A step takes milliseconds (create an endpoint) to a day (wait for a receiver).
 STEP_BUCKETS = (0.01, 0.05, 0.25, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86_400, math.inf)
 # An attempt takes milliseconds up to the delivery timeout (at most 60 s).
@@ -77,6 +82,9 @@ class _Recorders:
             ["outcome"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
+        )
+        self.delivery_attempts = Counter(
+            DELIVERY_ATTEMPTS, _ATTEMPTS_HELP, ["outcome"], registry=self.registry
         )
 
 
@@ -137,6 +145,7 @@ def observe_delivery(settings: Settings, outcome: str, seconds: float) -> None:
     try:
         recorders = _recorders_for(settings)
         recorders.delivery_latency.labels(outcome=outcome).observe(max(0.0, seconds))
+        recorders.delivery_attempts.labels(outcome=outcome).inc()
     except Exception:
         _observing_failed()
 
@@ -174,7 +183,7 @@ class DatabaseCollector(Collector):
         from sqlalchemy import func, select
 
         from models import clock, heartbeat
-        from models.delivery import DeliveryAttempt, Outcome
+        from models.delivery import Outcome
         from models.operation import TERMINAL_STATES, Operation, OperationKind
         from models.org_secret import ExpiredBy, OrgSecret, SecretState
 
@@ -183,9 +192,6 @@ class DatabaseCollector(Collector):
                 select(Operation.kind, Operation.state, func.count()).group_by(
                     Operation.kind, Operation.state
                 )
-            ).all()
-            by_outcome = session.execute(
-                select(DeliveryAttempt.outcome, func.count()).group_by(DeliveryAttempt.outcome)
             ).all()
             oldest = session.scalar(
                 select(func.min(Operation.created_at)).where(Operation.finished_at.is_(None))
@@ -226,15 +232,10 @@ class DatabaseCollector(Collector):
         for (kind, state), count in sorted(ended.items()):
             ended_family.add_metric([kind, state], count)
 
-        outcomes = {str(outcome): 0 for outcome in Outcome}
-        outcomes.update({str(outcome): int(count) for outcome, count in by_outcome})
-        attempts_family = CounterMetricFamily(
-            "rotator_delivery_attempts",
-            "Delivery attempts made (rows in delivery_attempts), by outcome.",
-            labels=["outcome"],
-        )
-        for outcome, count in sorted(outcomes.items()):
-            attempts_family.add_metric([outcome], count)
+        # Every outcome shows, at 0 until a process counts one (the counts merge into these).
+        attempts_family = CounterMetricFamily(DELIVERY_ATTEMPTS, _ATTEMPTS_HELP, labels=["outcome"])
+        for outcome in sorted(str(outcome) for outcome in Outcome):
+            attempts_family.add_metric([outcome], 0)
 
         families: list[Metric] = [started_family, ended_family, attempts_family]
         families.append(

@@ -98,3 +98,63 @@ def test_observing_never_raises(settings, monkeypatch):
     monkeypatch.setattr(metrics, "_recorders_for", broken)
     metrics.observe_step(settings, "safe_migrate", "create_endpoint", 1.0)
     metrics.observe_delivery(settings, "success", 1.0)
+
+
+# --- the scrape's cost and its token ------------------------------------------------------------
+
+
+def test_attempts_are_counted_where_they_happen_and_a_scrape_does_not_read_them(
+    client, settings, database
+):
+    from sqlalchemy import event
+
+    metrics.observe_delivery(settings, "dead", 0.1)  # creates this process's recorders
+    recorders = metrics._recorders
+    assert recorders is not None
+    # A process in multiprocess mode (an earlier end-to-end test) counts in its directory.
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "") if recorders.multiprocess else ""
+    statements: list[str] = []
+
+    def seen(_conn, _cursor, statement, *_):
+        statements.append(statement)
+
+    with overridden(settings, metrics_dir=directory):
+        before = _samples(client)[("rotator_delivery_attempts_total", (("outcome", "dead"),))]
+        metrics.observe_delivery(settings, "dead", 0.1)
+        metrics.observe_delivery(settings, "dead", 0.2)
+        event.listen(database.engine, "before_cursor_execute", seen)
+        try:
+            after = _samples(client)[("rotator_delivery_attempts_total", (("outcome", "dead"),))]
+        finally:
+            event.remove(database.engine, "before_cursor_execute", seen)
+    assert after - before == 2
+    assert statements  # the scrape did read the database...
+    assert not [s for s in statements if "delivery_attempts" in s]  # ...but not that table
+
+
+TOKEN = "metrics-token-0123456789"
+
+
+def test_with_a_token_a_scrape_needs_it(client, settings):
+    with overridden(settings, metrics_token=TOKEN):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong-token-0123456789"},
+            {"Authorization": f"Basic {TOKEN}"},
+            {"Authorization": f"Bearer {TOKEN}x"},
+            {"Authorization": "Bearer"},
+        ):
+            response = client.get("/metrics", headers=headers)
+            assert response.status_code == 401, headers
+            body = response.json()
+            assert body["success"] is False
+            assert body["error"]["code"] == "UNAUTHORIZED"
+            assert TOKEN not in response.text
+            assert response.headers["www-authenticate"].startswith("Bearer")
+        ok = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200
+        assert "rotator_metrics_source_up" in ok.text
+        assert (
+            client.get("/metrics", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+        )
+    assert client.get("/metrics").status_code == 200  # no token set: open, as before
