@@ -30,11 +30,17 @@ _IDLE_SINCE = "rotator.idle_since"
 
 
 def make_engine(settings: Settings) -> Engine:
+    """The engine for ``settings.database_url``. ``hide_parameters``: an error (or SQL logging)
+    shows a statement but never its bound values, which can be ciphertexts, key hashes or an
+    event's data (docs/operating.md, "Logs")."""
     url = settings.database_url
     if url.startswith("sqlite"):
         if url in ("sqlite://", "sqlite:///:memory:"):
             engine = create_engine(
-                url, poolclass=StaticPool, connect_args={"check_same_thread": False}
+                url,
+                poolclass=StaticPool,
+                connect_args={"check_same_thread": False},
+                hide_parameters=True,
             )
         else:
             # One connection: SQLite serialises writers anyway, and queueing in the pool is
@@ -46,6 +52,7 @@ def make_engine(settings: Settings) -> Engine:
                 max_overflow=0,
                 pool_timeout=60,
                 connect_args={"check_same_thread": False, "timeout": 30},
+                hide_parameters=True,
             )
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
@@ -53,7 +60,10 @@ def make_engine(settings: Settings) -> Engine:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     engine = create_engine(
-        url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+        url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        hide_parameters=True,
     )
     ping_after_idle(engine, settings.db_ping_after_idle_seconds)
     return engine

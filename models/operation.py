@@ -214,7 +214,8 @@ class OperationStep(IdMixin, Base):
 @dataclass(frozen=True)
 class Started:
     operation: Operation
-    secret: str | None  # shown once, in the response that started it (None: revealed later)
+    # Shown once, in the response that started it (None: revealed later); never in a repr.
+    secret: str | None = field(repr=False)
 
 
 def _secret_context(operation_id: uuid.UUID) -> str:
