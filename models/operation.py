@@ -42,7 +42,7 @@ from sqlalchemy.orm import Mapped, Session, joinedload, mapped_column, relations
 from models import clock
 from models import delivery as deliveries
 from models.base import Base, IdMixin, UTCDateTime
-from models.db import box_of, settings_of
+from models.db import after_commit, box_of, settings_of
 from models.endpoint import (
     WebhookEndpoint,
     check_description,
@@ -56,6 +56,7 @@ from models.endpoint import (
 from models.errors import Conflict, LimitExceeded, NotFound, ValidationFailed
 from models.ids import new_id
 from models.pagination import Page, paginate
+from rotator import metrics
 
 
 class OperationKind(StrEnum):
@@ -298,6 +299,7 @@ def start_migration(
         session.flush()
     except IntegrityError:  # a concurrent migrate of the same endpoint won the race
         raise Conflict("a migration is already running on this endpoint") from None
+    _count_started(session, kind)
     return Started(operation=operation, secret=secret if reveal else None)
 
 
@@ -341,7 +343,14 @@ def start_rotation(
     )
     session.add(operation)
     session.flush()
+    _count_started(session, operation.kind)
     return operation
+
+
+def _count_started(session: Session, kind: str) -> None:
+    """``rotator_operations_started_total``, once the start has committed (rotator/metrics.py)."""
+    settings = settings_of(session)
+    after_commit(session, lambda: metrics.count_operation_started(settings, kind))
 
 
 def active_for_endpoint(session: Session, endpoint_id: uuid.UUID) -> Operation | None:

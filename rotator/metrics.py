@@ -2,17 +2,18 @@
 
 Two sources, merged at scrape time:
 
-- **The database is the truth** for counts of operations, the oldest unfinished operation, the
-  org-secret sweeper's lag and beat's last tick, read from the tables when scraped
-  (``DatabaseCollector``: a handful of queries answered from indexes, over tables that grow
-  with rotations, not with traffic). Correct however many workers run.
-- **Observed where things happen**: step durations (``workers/operations.py``), and per
-  delivery attempt its latency and a count by outcome (``workers/deliveries.py``). Counting the
-  attempts there, rather than in ``delivery_attempts`` at every scrape, keeps a scrape's cost
-  flat while that table grows with traffic (docs/operating.md, "Metrics"). With
-  ``ROTATOR_METRICS_DIR`` set, every process writes them to files there (prometheus_client's
-  multiprocess mode) and ``/metrics`` reads them all; unset, each process keeps them in memory
-  and shows its own.
+- **Read from the database when scraped**: the oldest unfinished operation, the org-secret
+  sweeper's lag and beat's last tick (``DatabaseCollector``: three queries, each answered from
+  an index over a bounded set of rows: the unfinished operations, one org secret, the
+  heartbeats), and queue depth from Redis.
+- **Counted and observed where things happen**: operations started (``models/operation.py``,
+  once the starting transaction commits) and ended (``workers/operations.py``), delivery
+  attempts by outcome and their latency (``workers/deliveries.py``), step durations. Counting
+  there, rather than with ``GROUP BY`` over ``operations`` and ``delivery_attempts`` at every
+  scrape, keeps a scrape's cost flat while those tables grow (docs/operating.md, "Metrics").
+  With ``ROTATOR_METRICS_DIR`` set, every process writes them to files there
+  (prometheus_client's multiprocess mode) and ``/metrics`` reads them all; unset, each process
+  keeps them in memory and shows its own.
 
 Observing never raises: a metrics problem must not fail a delivery or a step.
 """
@@ -50,6 +51,10 @@ STEP_DURATION = "rotator_operation_step_duration_seconds"
 DELIVERY_LATENCY = "rotator_delivery_latency_seconds"
 DELIVERY_ATTEMPTS = "rotator_delivery_attempts"  # exposed as rotator_delivery_attempts_total
 _ATTEMPTS_HELP = "Delivery attempts made, by outcome (counted by the processes that make them)."
+OPERATIONS_STARTED = "rotator_operations_started"
+_STARTED_HELP = "Operations started, by kind (counted as each start commits)."
+OPERATIONS_ENDED = "rotator_operations_ended"
+_ENDED_HELP = "Operations that reached a final state, by kind and state."
 # A step takes milliseconds (create an endpoint) to a day (wait for a receiver).
 STEP_BUCKETS = (0.01, 0.05, 0.25, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86_400, math.inf)
 # An attempt takes milliseconds up to the delivery timeout (at most 60 s).
@@ -85,6 +90,12 @@ class _Recorders:
         )
         self.delivery_attempts = Counter(
             DELIVERY_ATTEMPTS, _ATTEMPTS_HELP, ["outcome"], registry=self.registry
+        )
+        self.operations_started = Counter(
+            OPERATIONS_STARTED, _STARTED_HELP, ["kind"], registry=self.registry
+        )
+        self.operations_ended = Counter(
+            OPERATIONS_ENDED, _ENDED_HELP, ["kind", "state"], registry=self.registry
         )
 
 
@@ -150,6 +161,20 @@ def observe_delivery(settings: Settings, outcome: str, seconds: float) -> None:
         _observing_failed()
 
 
+def count_operation_started(settings: Settings, kind: str) -> None:
+    try:
+        _recorders_for(settings).operations_started.labels(kind=kind).inc()
+    except Exception:
+        _observing_failed()
+
+
+def count_operation_ended(settings: Settings, kind: str, state: str) -> None:
+    try:
+        _recorders_for(settings).operations_ended.labels(kind=kind, state=state).inc()
+    except Exception:
+        _observing_failed()
+
+
 # --- the database and the broker, read at scrape time -----------------------------------------
 
 
@@ -181,18 +206,17 @@ class DatabaseCollector(Collector):
 
     def _from_database(self) -> list[Metric]:
         from sqlalchemy import func, select
+        from sqlalchemy.orm import Session
 
         from models import clock, heartbeat
         from models.delivery import Outcome
         from models.operation import TERMINAL_STATES, Operation, OperationKind
         from models.org_secret import ExpiredBy, OrgSecret, SecretState
+        from models.reads import READ_ONLY_OPTION
 
-        with self.db.session() as session:
-            by_kind_state = session.execute(
-                select(Operation.kind, Operation.state, func.count()).group_by(
-                    Operation.kind, Operation.state
-                )
-            ).all()
+        # Reads only: on SQLite a scrape must not take the write lock (models.db._sqlite_begin).
+        connection = self.db.engine.connect().execution_options(**{READ_ONLY_OPTION: True})
+        with connection, Session(connection) as session:
             oldest = session.scalar(
                 select(func.min(Operation.created_at)).where(Operation.finished_at.is_(None))
             )
@@ -211,28 +235,14 @@ class DatabaseCollector(Collector):
             last_tick = heartbeat.latest(session)
         now = clock.now()
 
-        started = {str(kind): 0 for kind in OperationKind}
-        ended = {(str(kind), str(state)): 0 for kind in OperationKind for state in TERMINAL_STATES}
-        for kind, state, count in by_kind_state:
-            started[kind] = started.get(kind, 0) + count
-            if state in TERMINAL_STATES:
-                ended[(kind, state)] = ended.get((kind, state), 0) + count
-        started_family = CounterMetricFamily(
-            "rotator_operations_started",
-            "Operations started (rows in operations), by kind.",
-            labels=["kind"],
-        )
-        for kind, count in sorted(started.items()):
-            started_family.add_metric([kind], count)
-        ended_family = CounterMetricFamily(
-            "rotator_operations_ended",
-            "Operations that reached a final state, by kind and state.",
-            labels=["kind", "state"],
-        )
-        for (kind, state), count in sorted(ended.items()):
-            ended_family.add_metric([kind, state], count)
-
-        # Every outcome shows, at 0 until a process counts one (the counts merge into these).
+        # Every label shows, at 0 until a process counts one (the counts merge into these).
+        kinds = sorted(str(kind) for kind in OperationKind)
+        started_family = CounterMetricFamily(OPERATIONS_STARTED, _STARTED_HELP, labels=["kind"])
+        ended_family = CounterMetricFamily(OPERATIONS_ENDED, _ENDED_HELP, labels=["kind", "state"])
+        for kind in kinds:
+            started_family.add_metric([kind], 0)
+            for state in sorted(str(state) for state in TERMINAL_STATES):
+                ended_family.add_metric([kind, state], 0)
         attempts_family = CounterMetricFamily(DELIVERY_ATTEMPTS, _ATTEMPTS_HELP, labels=["outcome"])
         for outcome in sorted(str(outcome) for outcome in Outcome):
             attempts_family.add_metric([outcome], 0)
