@@ -408,6 +408,11 @@ def run(receiver: DemoReceiver, host: str = "127.0.0.1", port: int = 9000) -> in
                 f"rotator receiver listening on http://{bound_host!s}:{bound_port}"
                 f" ({counts} secret(s), tolerance {receiver.tolerance_s}s)"
             )
+            if not receiver.org_secret_count():
+                receiver._emit(
+                    "warning: no --org-secret: an in-band handoff will be trusted on the endpoint "
+                    "signature alone"
+                )
             while not stop.wait(_POLL_INTERVAL_S):
                 pass
         finally:

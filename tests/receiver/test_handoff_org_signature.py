@@ -179,3 +179,22 @@ def test_the_receiver_kit_imports_without_the_rest_of_rotator():
     assert result.returncode == 0, result.stderr
     loaded = set(json.loads(result.stdout))
     assert loaded.isdisjoint(blocked)
+
+
+@pytest.mark.parametrize(("org", "warned"), [([], True), (["--org-secret", ORG_SECRET], False)])
+def test_the_demo_command_warns_at_start_when_it_has_no_org_secret(org, warned):
+    rotator = Path(sys.executable).parent / "rotator"
+    command = [str(rotator), "receiver", "--port", "0", "--secret", OLD_SECRET, *org]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert "listening on" in first
+        proc.send_signal(2)  # SIGINT: a clean stop
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert ("no --org-secret" in rest) is warned
+    assert OLD_SECRET not in first + rest
