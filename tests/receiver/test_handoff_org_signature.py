@@ -191,7 +191,8 @@ def test_the_demo_command_warns_at_start_when_it_has_no_org_secret(org, warned):
         first = proc.stdout.readline()
         assert "listening on" in first
         proc.send_signal(2)  # SIGINT: a clean stop
-        rest, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        rest = proc.stdout.read()  # through the same buffer readline filled
     finally:
         if proc.poll() is None:
             proc.kill()
