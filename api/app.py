@@ -11,6 +11,7 @@ from api import errors
 from api.middleware import RequestContextMiddleware
 from api.routes import (
     deliveries,
+    docs,
     endpoints,
     events,
     health,
@@ -51,11 +52,15 @@ def create_app() -> FastAPI:
         version=__version__,
         description="AgentMessage-compatible Webhooks API with safe secret rotation.",
         lifespan=_lifespan,
+        # Served by api.routes.docs, with a Content-Security-Policy, when ROTATOR_DOCS allows.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=docs.OPENAPI_URL,
     )
     errors.install(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
-    # Routes are matched in order, so the busiest come first: FastAPI's own (/openapi.json,
-    # /docs, /redoc) go last. The deliveries router precedes the endpoints router:
+    # Routes are matched in order, so the busiest come first: the docs (/openapi.json, /docs,
+    # /redoc) go last. The deliveries router precedes the endpoints router:
     # /v1/webhooks/deliveries must not match /v1/webhooks/{id}.
     framework = list(app.router.routes)
     app.router.routes.clear()
@@ -72,4 +77,6 @@ def create_app() -> FastAPI:
     ):
         _add_routes(app, router)
     app.router.routes.extend(framework)
+    if settings.docs_enabled:
+        _add_routes(app, docs.build_router())
     return app

@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Connection, Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from models.crypto import SecretBox
-from models.reads import EngineReads, PostgresReads, Reads
+from models.reads import READ_ONLY_OPTION, EngineReads, PostgresReads, Reads
 from rotator.settings import Settings, get_settings
 
 log = logging.getLogger("rotator.db")
@@ -30,11 +30,17 @@ _IDLE_SINCE = "rotator.idle_since"
 
 
 def make_engine(settings: Settings) -> Engine:
+    """The engine for ``settings.database_url``. ``hide_parameters``: an error (or SQL logging)
+    shows a statement but never its bound values, which can be ciphertexts, key hashes or an
+    event's data (docs/operating.md, "Logs")."""
     url = settings.database_url
     if url.startswith("sqlite"):
         if url in ("sqlite://", "sqlite:///:memory:"):
             engine = create_engine(
-                url, poolclass=StaticPool, connect_args={"check_same_thread": False}
+                url,
+                poolclass=StaticPool,
+                connect_args={"check_same_thread": False},
+                hide_parameters=True,
             )
         else:
             # One connection: SQLite serialises writers anyway, and queueing in the pool is
@@ -46,13 +52,18 @@ def make_engine(settings: Settings) -> Engine:
                 max_overflow=0,
                 pool_timeout=60,
                 connect_args={"check_same_thread": False, "timeout": 30},
+                hide_parameters=True,
             )
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     engine = create_engine(
-        url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+        url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        hide_parameters=True,
     )
     ping_after_idle(engine, settings.db_ping_after_idle_seconds)
     return engine
@@ -91,11 +102,30 @@ def _ensure_sqlite_dir(url: str) -> None:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling issues a deferred BEGIN only before DML, so a unit of
+    # work reads, then takes the write lock when it first writes: two processes could both read
+    # "not revealed yet" and both write. SQLAlchemy emits the BEGIN instead (_sqlite_begin).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    """Every unit of work on SQLite takes the database's write lock as it begins.
+
+    SQLite has no row locks (``FOR UPDATE`` is not even parsed), so the checks that PostgreSQL
+    makes under a row lock (reveal a secret once, the endpoint cap, the replay limit) would race
+    between processes, e.g. the command line next to ``rotator dev``. ``BEGIN IMMEDIATE`` makes
+    every unit of work run alone against the file, as on PostgreSQL's locked rows; readers
+    (``EngineReads``, WAL mode) are not held up (docs/operating.md, "SQLite").
+    """
+    if connection.get_execution_options().get(READ_ONLY_OPTION):
+        connection.exec_driver_sql("BEGIN")
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Database:

@@ -7,6 +7,7 @@ rotate responses) and otherwise kept only encrypted at rest.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import secrets
 import uuid
 from collections.abc import Mapping, Sequence
@@ -75,7 +76,7 @@ class WithSecret:
     """An endpoint together with the secret a response shows once."""
 
     endpoint: WebhookEndpoint
-    secret: str
+    secret: str = dataclasses.field(repr=False)  # logging or printing it must not show it
 
 
 def new_secret() -> str:

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Mapped, Session, joinedload, mapped_column, relations
 from models import clock
 from models import delivery as deliveries
 from models.base import Base, IdMixin, UTCDateTime
-from models.db import box_of, settings_of
+from models.db import after_commit, box_of, settings_of
 from models.endpoint import (
     WebhookEndpoint,
     check_description,
@@ -60,6 +60,7 @@ from models.ids import new_id
 from models.org import Scope
 from models.pagination import Page, paginate
 from models.reads import Query, Reads
+from rotator import metrics
 
 
 class OperationKind(StrEnum):
@@ -225,7 +226,8 @@ class OperationStep(IdMixin, Base):
 @dataclass(frozen=True)
 class Started:
     operation: Operation
-    secret: str | None  # shown once, in the response that started it (None: revealed later)
+    # Shown once, in the response that started it (None: revealed later); never in a repr.
+    secret: str | None = field(repr=False)
 
 
 def secret_context(operation_id: uuid.UUID) -> str:
@@ -307,6 +309,7 @@ def start_migration(
         session.flush()
     except IntegrityError:  # a concurrent migrate of the same endpoint won the race
         raise _busy(f"{source.id} is the source endpoint of another unfinished operation") from None
+    _count_started(session, kind)
     return Started(operation=operation, secret=secret if reveal else None)
 
 
@@ -349,7 +352,14 @@ def start_rotation(
     )
     session.add(operation)
     session.flush()
+    _count_started(session, operation.kind)
     return operation
+
+
+def _count_started(session: Session, kind: str) -> None:
+    """``rotator_operations_started_total``, once the start has committed (rotator/metrics.py)."""
+    settings = settings_of(session)
+    after_commit(session, lambda: metrics.count_operation_started(settings, kind))
 
 
 def active_for_endpoint(

@@ -6,7 +6,7 @@ import secrets
 import string
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -67,7 +67,7 @@ class Principal:
 class IssuedKey:
     org_id: uuid.UUID
     key_id: uuid.UUID
-    api_key: str
+    api_key: str = field(repr=False)  # printed once by the command line; never in a repr
     scopes: list[str]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -76,7 +76,7 @@ class OrgSecret(IdMixin, Base):
 
 @dataclass(frozen=True)
 class Rotation:
-    secret: str
+    secret: str = field(repr=False)  # shown once, in the response; never in a repr
     rotated_at: datetime
     previous_valid_until: datetime | None
     previous_id: uuid.UUID | None

@@ -30,6 +30,9 @@ from sqlalchemy.types import TypeDecorator
 
 Row = dict[str, Any]
 
+# An execution option: a SQLite connection carrying it begins a deferred transaction
+# (models.db._sqlite_begin), so a read never waits for SQLite's write lock.
+READ_ONLY_OPTION = "rotator_read_only"
 APPLICATION_NAME = "rotator-reads"  # how these connections show in pg_stat_activity
 _PG_DIALECT = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
 
@@ -216,7 +219,7 @@ class EngineReads(Reads):
         self._engine = engine
 
     def _all(self, query: Query, params: dict[str, Any]) -> list[Row]:
-        with self._engine.connect() as connection:
+        with self._engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as connection:
             result = connection.execute(query.statement, params).mappings()
             return [{str(key): value for key, value in row.items()} for row in result]
 

@@ -5,7 +5,14 @@ Importable on its own (standard library and ``cryptography`` only), so receivers
 it without the rest of Rotator; the workers sign with the same functions.
 """
 
-from receiver.handoff import Handoff, HandoffError, open_handoff, seal_handoff
+from receiver.handoff import (
+    Handoff,
+    HandoffError,
+    UnverifiedHandoffWarning,
+    open_handoff,
+    open_handoff_delivery,
+    seal_handoff,
+)
 from receiver.server import AcceptedDelivery, DemoReceiver, run, serve
 from receiver.signing import (
     AMCORE_ORG_SIGNATURE_HEADER,
@@ -32,7 +39,9 @@ from receiver.verify import (
 
 __all__ = [
     "open_handoff",
+    "open_handoff_delivery",
     "seal_handoff",
+    "UnverifiedHandoffWarning",
     "AMCORE_ORG_SIGNATURE_HEADER",
     "AMCORE_SIGNATURE_HEADER",
     "WEBHOOK_ID_HEADER",

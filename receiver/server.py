@@ -16,8 +16,9 @@ HTTP surface:
 
 The accepted secrets are a list, newest first, that can change while the server runs
 (``add_secret`` / ``remove_secret`` / ``set_secrets``): that is the receiver's half of a
-rotation. ``DemoReceiver.on_event`` is where an in-band ``webhook.secret_handoff`` will be
-applied; it does nothing yet.
+rotation. ``DemoReceiver.on_event`` applies an in-band ``webhook.secret_handoff``: with org
+secrets configured, only once ``X-AmCore-Org-Signature`` verified too; without, it says so in a
+warning line each time.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any, TextIO
 
-from receiver.handoff import HANDOFF_EVENT, open_handoff
+from receiver.handoff import HANDOFF_EVENT, HandoffError, open_handoff
+from receiver.handoff import _open as _open_without_org_signature  # the demo warns by itself
 from receiver.signing import decode_secret
 from receiver.verify import (
     DEFAULT_TOLERANCE_S,
@@ -257,7 +259,18 @@ class DemoReceiver:
         """
         if event.get("type") != HANDOFF_EVENT:
             return
-        handoff = open_handoff(event, accepted.secret)
+        if self.org_secret_count():
+            # ``handle`` already refused a delivery whose org signature did not verify; an
+            # override that calls this must not get around it.
+            if accepted.org_delivery is None or accepted.org_delivery.scheme != "org":
+                raise HandoffError("the handoff carries no verified org signature")
+            handoff = open_handoff(event, accepted.secret, org_signature=accepted.org_delivery)
+        else:
+            self._emit(
+                "handoff: warning: trusted on the endpoint signature alone; give --org-secret "
+                "so that only Rotator (not any holder of the old secret) can hand off a secret"
+            )
+            handoff = _open_without_org_signature(event, accepted.secret)
         # Keep the old secret too: the old endpoint goes on sending until Rotator deletes it.
         self.add_secret(handoff.secret)
         self._emit(
@@ -396,6 +409,11 @@ def run(receiver: DemoReceiver, host: str = "127.0.0.1", port: int = 9000) -> in
                 f"rotator receiver listening on http://{bound_host!s}:{bound_port}"
                 f" ({counts} secret(s), tolerance {receiver.tolerance_s}s)"
             )
+            if not receiver.org_secret_count():
+                receiver._emit(
+                    "warning: no --org-secret: an in-band handoff will be trusted on the endpoint "
+                    "signature alone"
+                )
             while not stop.wait(_POLL_INTERVAL_S):
                 pass
         finally:

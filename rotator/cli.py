@@ -313,7 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except ConfigurationError as exc:
-        print(f"rotator: {exc}", file=sys.stderr)
+        # One line per problem and no traceback: the variable and what is wrong, not its value.
+        for line in exc.lines():
+            print(f"rotator: configuration error: {line}", file=sys.stderr)
         return 2
     except DomainError as exc:
         detail = f" ({json.dumps(exc.details)})" if exc.details else ""

@@ -2,14 +2,18 @@
 
 Two sources, merged at scrape time:
 
-- **The database is the truth.** Counts of operations and delivery attempts, the oldest
-  unfinished operation, the org-secret sweeper's lag and beat's last tick are read from the
-  tables when scraped (``DatabaseCollector``: a handful of aggregate queries on indexed
-  columns). Nothing to keep in step across processes, and correct however many workers run.
-- **Histograms observed where things happen**: step durations (``workers/operations.py``) and
-  delivery latency (``workers/deliveries.py``). With ``ROTATOR_METRICS_DIR`` set, every process
-  writes them to files there (prometheus_client's multiprocess mode) and ``/metrics`` reads them
-  all; unset, each process keeps them in memory and shows its own.
+- **Read from the database when scraped**: the oldest unfinished operation, the org-secret
+  sweeper's lag and beat's last tick (``DatabaseCollector``: three queries, each answered from
+  an index over a bounded set of rows: the unfinished operations, one org secret, the
+  heartbeats), and queue depth from Redis.
+- **Counted and observed where things happen**: operations started (``models/operation.py``,
+  once the starting transaction commits) and ended (``workers/operations.py``), delivery
+  attempts by outcome and their latency (``workers/deliveries.py``), step durations. Counting
+  there, rather than with ``GROUP BY`` over ``operations`` and ``delivery_attempts`` at every
+  scrape, keeps a scrape's cost flat while those tables grow (docs/operating.md, "Metrics").
+  With ``ROTATOR_METRICS_DIR`` set, every process writes them to files there
+  (prometheus_client's multiprocess mode) and ``/metrics`` reads them all; unset, each process
+  keeps them in memory and shows its own.
 
 Observing never raises: a metrics problem must not fail a delivery or a step.
 """
@@ -26,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from functools import cache
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest, values
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -45,6 +49,12 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 STEP_DURATION = "rotator_operation_step_duration_seconds"
 DELIVERY_LATENCY = "rotator_delivery_latency_seconds"
+DELIVERY_ATTEMPTS = "rotator_delivery_attempts"  # exposed as rotator_delivery_attempts_total
+_ATTEMPTS_HELP = "Delivery attempts made, by outcome (counted by the processes that make them)."
+OPERATIONS_STARTED = "rotator_operations_started"
+_STARTED_HELP = "Operations started, by kind (counted as each start commits)."
+OPERATIONS_ENDED = "rotator_operations_ended"
+_ENDED_HELP = "Operations that reached a final state, by kind and state."
 # A step takes milliseconds (create an endpoint) to a day (wait for a receiver).
 STEP_BUCKETS = (0.01, 0.05, 0.25, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86_400, math.inf)
 # An attempt takes milliseconds up to the delivery timeout (at most 60 s).
@@ -77,6 +87,15 @@ class _Recorders:
             ["outcome"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
+        )
+        self.delivery_attempts = Counter(
+            DELIVERY_ATTEMPTS, _ATTEMPTS_HELP, ["outcome"], registry=self.registry
+        )
+        self.operations_started = Counter(
+            OPERATIONS_STARTED, _STARTED_HELP, ["kind"], registry=self.registry
+        )
+        self.operations_ended = Counter(
+            OPERATIONS_ENDED, _ENDED_HELP, ["kind", "state"], registry=self.registry
         )
 
 
@@ -137,6 +156,21 @@ def observe_delivery(settings: Settings, outcome: str, seconds: float) -> None:
     try:
         recorders = _recorders_for(settings)
         recorders.delivery_latency.labels(outcome=outcome).observe(max(0.0, seconds))
+        recorders.delivery_attempts.labels(outcome=outcome).inc()
+    except Exception:
+        _observing_failed()
+
+
+def count_operation_started(settings: Settings, kind: str) -> None:
+    try:
+        _recorders_for(settings).operations_started.labels(kind=kind).inc()
+    except Exception:
+        _observing_failed()
+
+
+def count_operation_ended(settings: Settings, kind: str, state: str) -> None:
+    try:
+        _recorders_for(settings).operations_ended.labels(kind=kind, state=state).inc()
     except Exception:
         _observing_failed()
 
@@ -172,21 +206,17 @@ class DatabaseCollector(Collector):
 
     def _from_database(self) -> list[Metric]:
         from sqlalchemy import func, select
+        from sqlalchemy.orm import Session
 
         from models import circuit, clock, heartbeat
-        from models.delivery import Delivery, DeliveryAttempt, DeliveryState, Outcome
+        from models.delivery import Delivery, DeliveryState, Outcome
         from models.operation import TERMINAL_STATES, Operation, OperationKind
         from models.org_secret import ExpiredBy, OrgSecret, SecretState
+        from models.reads import READ_ONLY_OPTION
 
-        with self.db.session() as session:
-            by_kind_state = session.execute(
-                select(Operation.kind, Operation.state, func.count()).group_by(
-                    Operation.kind, Operation.state
-                )
-            ).all()
-            by_outcome = session.execute(
-                select(DeliveryAttempt.outcome, func.count()).group_by(DeliveryAttempt.outcome)
-            ).all()
+        # Reads only: on SQLite a scrape must not take the write lock (models.db._sqlite_begin).
+        connection = self.db.engine.connect().execution_options(**{READ_ONLY_OPTION: True})
+        with connection, Session(connection) as session:
             oldest = session.scalar(
                 select(func.min(Operation.created_at)).where(Operation.finished_at.is_(None))
             )
@@ -215,36 +245,17 @@ class DatabaseCollector(Collector):
             )
         now = clock.now()
 
-        started = {str(kind): 0 for kind in OperationKind}
-        ended = {(str(kind), str(state)): 0 for kind in OperationKind for state in TERMINAL_STATES}
-        for kind, state, count in by_kind_state:
-            started[kind] = started.get(kind, 0) + count
-            if state in TERMINAL_STATES:
-                ended[(kind, state)] = ended.get((kind, state), 0) + count
-        started_family = CounterMetricFamily(
-            "rotator_operations_started",
-            "Operations started (rows in operations), by kind.",
-            labels=["kind"],
-        )
-        for kind, count in sorted(started.items()):
-            started_family.add_metric([kind], count)
-        ended_family = CounterMetricFamily(
-            "rotator_operations_ended",
-            "Operations that reached a final state, by kind and state.",
-            labels=["kind", "state"],
-        )
-        for (kind, state), count in sorted(ended.items()):
-            ended_family.add_metric([kind, state], count)
-
-        outcomes = {str(outcome): 0 for outcome in Outcome}
-        outcomes.update({str(outcome): int(count) for outcome, count in by_outcome})
-        attempts_family = CounterMetricFamily(
-            "rotator_delivery_attempts",
-            "Delivery attempts made (rows in delivery_attempts), by outcome.",
-            labels=["outcome"],
-        )
-        for outcome, count in sorted(outcomes.items()):
-            attempts_family.add_metric([outcome], count)
+        # Every label shows, at 0 until a process counts one (the counts merge into these).
+        kinds = sorted(str(kind) for kind in OperationKind)
+        started_family = CounterMetricFamily(OPERATIONS_STARTED, _STARTED_HELP, labels=["kind"])
+        ended_family = CounterMetricFamily(OPERATIONS_ENDED, _ENDED_HELP, labels=["kind", "state"])
+        for kind in kinds:
+            started_family.add_metric([kind], 0)
+            for state in sorted(str(state) for state in TERMINAL_STATES):
+                ended_family.add_metric([kind, state], 0)
+        attempts_family = CounterMetricFamily(DELIVERY_ATTEMPTS, _ATTEMPTS_HELP, labels=["outcome"])
+        for outcome in sorted(str(outcome) for outcome in Outcome):
+            attempts_family.add_metric([outcome], 0)
 
         families: list[Metric] = [started_family, ended_family, attempts_family]
         families.append(

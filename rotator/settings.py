@@ -16,8 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 log = logging.getLogger("rotator.settings")
 
@@ -25,8 +25,47 @@ DEFAULT_DATA_DIR = Path(".rotator")
 KEY_FILE_NAME = "encryption.key"
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_DATABASE_SCHEMES = ("sqlite://", "postgresql://", "postgres://", "postgresql+psycopg://")
+_BROKER_SCHEMES = ("redis://", "rediss://", "redis+socket://", "sentinel://", "memory://")
+
+
 class ConfigurationError(RuntimeError):
-    """Raised when the process must not start with the given settings."""
+    """Raised when the process must not start with the given settings.
+
+    One line per problem, each naming the variable and what is wrong with it, never its value
+    (a malformed key may still be most of a real one).
+    """
+
+    def lines(self) -> list[str]:
+        return str(self).splitlines()
+
+
+def _describe(error: ValidationError) -> list[str]:
+    """One line per invalid variable, without the values pydantic would quote."""
+    lines = []
+    for item in error.errors(include_url=False):
+        loc = item.get("loc", ())
+        name = f"ROTATOR_{str(loc[0]).upper()}" if loc else "ROTATOR_* settings"
+        where = "".join(f" item {int(part) + 1}" for part in loc[1:] if isinstance(part, int))
+        message = str(item.get("msg", "is not valid")).removeprefix("Value error, ")
+        given = item.get("input")
+        if isinstance(given, str) and len(given) >= 8 and given in message:
+            message = "is not valid"  # never echo a value, whoever wrote the message
+        lines.append(f"{name}{where}: {message}")
+    return lines
+
+
+def load_settings() -> Settings:
+    """``Settings()`` from the environment; any problem is a ``ConfigurationError``."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigurationError("\n".join(_describe(exc))) from None
+    except SettingsError as exc:
+        # "error parsing value for field "x" ...": name the variable, drop the cause (the value).
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "*"
+        raise ConfigurationError(f"ROTATOR_{field.upper()}: cannot be parsed") from None
 
 
 def _split_csv(value: object) -> object:
@@ -44,11 +83,11 @@ class Settings(BaseSettings):
 
     env: Literal["development", "test", "production"] = "development"
     data_dir: Path = DEFAULT_DATA_DIR
-    database_url: str = ""
+    database_url: str = Field(default="", repr=False)  # may carry a password
     broker_url: str = "memory://localhost/"
     # Keys that encrypt secrets at rest: standard base64 of 32 bytes, comma separated. The
     # first encrypts; every one of them decrypts, so a key can be retired gradually.
-    encryption_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    encryption_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
 
     org_secret_grace_seconds: int = Field(default=300, ge=0, le=86_400)
     allow_insecure_urls: bool = False
@@ -163,6 +202,65 @@ class Settings(BaseSettings):
     # object each) otherwise; "json" and "human" force one of them (docs/operating.md, Logs).
     log_format: Literal["auto", "json", "human"] = "auto"
 
+    # --- hardening (docs/operating.md, "Configuration errors", "Metrics", "API docs") ---------
+    # When set, GET /metrics wants "Authorization: Bearer <token>" (16+ visible characters).
+    metrics_token: str = Field(default="", repr=False)
+    # Swagger UI (/docs) and ReDoc (/redoc): "auto" serves them except in production.
+    docs: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token_fits_a_header(cls, value: str) -> str:
+        if value and (len(value) < 16 or not all("!" <= char <= "~" for char in value)):
+            raise ValueError("must be at least 16 visible ASCII characters, without spaces")
+        return value
+
+    @field_validator("docs", mode="before")
+    @classmethod
+    def _docs_switch(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return {"true": "on", "1": "on", "false": "off", "0": "off", "": "auto"}.get(
+                value, value
+            )
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        if value.upper() not in _LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _usable_database_url(cls, value: str) -> str:
+        if not value:
+            return value  # filled in from data_dir
+        if not value.startswith(_DATABASE_SCHEMES):
+            raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        from sqlalchemy.engine import make_url
+
+        try:
+            make_url(value)
+        except Exception:  # the parser's message would quote the URL, password and all
+            raise ValueError("is not a well-formed database URL") from None
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _usable_broker_url(cls, value: str) -> str:
+        if not value.startswith(_BROKER_SCHEMES):
+            raise ValueError("must be a redis://, rediss:// or memory:// URL")
+        return value
+
+    @property
+    def docs_enabled(self) -> bool:
+        """Whether /docs and /redoc are served (``ROTATOR_DOCS``)."""
+        return self.docs == "on" or (self.docs == "auto" and self.env != "production")
+
+    # --- end of hardening ---------------------------------------------------------------------
+
     @field_validator("encryption_keys", mode="before")
     @classmethod
     def _keys_from_csv(cls, value: object) -> object:
@@ -237,8 +335,8 @@ def _local_key(data_dir: Path) -> bytes:
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once."""
-    return Settings()
+    """The process-wide settings, read once (``ConfigurationError`` when they are invalid)."""
+    return load_settings()
 
 
 def generate_key() -> str:

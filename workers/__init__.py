@@ -9,7 +9,17 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        from workers.app import app
+        from rotator.settings import ConfigurationError
 
+        try:
+            from workers.app import app
+        except ConfigurationError as exc:
+            # ``celery -A workers ...``: Celery would print a traceback; one line per problem is
+            # what ``rotator worker`` prints too (docs/operating.md, "Configuration errors").
+            import sys
+
+            for line in exc.lines():
+                print(f"rotator: configuration error: {line}", file=sys.stderr)
+            raise SystemExit(2) from None
         return app
     raise AttributeError(name)

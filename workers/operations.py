@@ -66,6 +66,8 @@ def _report(db: Database, done: operations.Advance, outcome: str | None) -> None
     elif not done.finished_steps:  # a duplicate or early message: nothing to do
         log.debug("operation step", extra={**fields, "step": None, "outcome": "noop"})
     if done.ended_state is not None:
+        if done.kind is not None:
+            metrics.count_operation_ended(db.settings, done.kind, done.ended_state)
         log.info("operation ended", extra={**fields, "state": done.ended_state})
 
 

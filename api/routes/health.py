@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import for_status, request_id_of, responses
 from models.db import get_database
+from models.reads import READ_ONLY_OPTION
 from workers.app import app as celery_app
 
 router = APIRouter(tags=["health"])
@@ -22,7 +23,12 @@ async def healthz() -> dict[str, str]:
 
 def _check_database() -> str | None:
     try:
-        with get_database().engine.connect() as connection:
+        # A read: on SQLite it must not wait for another process's write lock.
+        with (
+            get_database()
+            .engine.connect()
+            .execution_options(**{READ_ONLY_OPTION: True}) as connection
+        ):
             connection.execute(text("SELECT 1"))
     except Exception as exc:
         return type(exc).__name__

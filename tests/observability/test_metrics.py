@@ -26,12 +26,13 @@ def _samples(client) -> dict:
     }
 
 
-def test_an_empty_database_shows_zeros_and_no_tick_yet(client):
+def test_an_empty_database_shows_every_label_and_no_tick_yet(client):
     samples = _samples(client)
-    assert samples[("rotator_operations_started_total", (("kind", "safe_migrate"),))] == 0
+    # Counted by the processes since they started (other tests here may have counted some).
+    assert samples[("rotator_operations_started_total", (("kind", "safe_migrate"),))] >= 0
     key = ("rotator_operations_ended_total", (("kind", "safe_migrate"), ("state", "succeeded")))
-    assert samples[key] == 0
-    assert samples[("rotator_delivery_attempts_total", (("outcome", "dead"),))] == 0
+    assert samples[key] >= 0
+    assert samples[("rotator_delivery_attempts_total", (("outcome", "dead"),))] >= 0
     assert samples[("rotator_oldest_unfinished_operation_age_seconds", ())] == 0
     assert math.isinf(samples[("rotator_beat_last_tick_age_seconds", ())])
     assert ("rotator_org_secret_expiry_lag_seconds", ()) not in samples
@@ -119,3 +120,121 @@ def test_in_flight_deliveries_and_open_circuits_are_gauges(client, database):
     after = _samples(client)
     assert after[("rotator_deliveries_in_flight", ())] == 1
     assert after[("rotator_endpoint_circuits_open", ())] == 1
+
+
+# --- the scrape's cost and its token ------------------------------------------------------------
+
+
+def test_attempts_are_counted_where_they_happen_and_a_scrape_does_not_read_them(
+    client, settings, database
+):
+    from sqlalchemy import event
+
+    metrics.observe_delivery(settings, "dead", 0.1)  # creates this process's recorders
+    recorders = metrics._recorders
+    assert recorders is not None
+    # A process in multiprocess mode (an earlier end-to-end test) counts in its directory.
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "") if recorders.multiprocess else ""
+    statements: list[str] = []
+
+    def seen(_conn, _cursor, statement, *_):
+        statements.append(statement)
+
+    with overridden(settings, metrics_dir=directory):
+        before = _samples(client)[("rotator_delivery_attempts_total", (("outcome", "dead"),))]
+        metrics.observe_delivery(settings, "dead", 0.1)
+        metrics.observe_delivery(settings, "dead", 0.2)
+        event.listen(database.engine, "before_cursor_execute", seen)
+        try:
+            after = _samples(client)[("rotator_delivery_attempts_total", (("outcome", "dead"),))]
+        finally:
+            event.remove(database.engine, "before_cursor_execute", seen)
+    assert after - before == 2
+    assert statements  # the scrape did read the database...
+    assert not [s for s in statements if "delivery_attempts" in s]  # ...but not that table
+
+
+TOKEN = "metrics-token-0123456789"
+
+
+def test_with_a_token_a_scrape_needs_it(client, settings):
+    with overridden(settings, metrics_token=TOKEN):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong-token-0123456789"},
+            {"Authorization": f"Basic {TOKEN}"},
+            {"Authorization": f"Bearer {TOKEN}x"},
+            {"Authorization": "Bearer"},
+        ):
+            response = client.get("/metrics", headers=headers)
+            assert response.status_code == 401, headers
+            body = response.json()
+            assert body["success"] is False
+            assert body["error"]["code"] == "UNAUTHORIZED"
+            assert TOKEN not in response.text
+            assert response.headers["www-authenticate"].startswith("Bearer")
+        ok = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200
+        assert "rotator_metrics_source_up" in ok.text
+        assert (
+            client.get("/metrics", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+        )
+    assert client.get("/metrics").status_code == 200  # no token set: open, as before
+
+
+def test_operations_are_counted_as_they_start_and_end_and_a_scrape_does_not_count_rows(
+    client, settings, database, tmp_path
+):
+    """Started when the start commits (a rolled-back start counts nothing), ended where the
+    worker ends it; the scrape itself reads no operation rows but the unfinished ones."""
+    from sqlalchemy import event
+
+    from models import operation as operations
+    from models.endpoint import create_endpoint
+    from tests.factories import make_tenant
+    from workers.operations import advance
+
+    metrics.count_operation_started(settings, "safe_migrate")  # this process's recorders
+    recorders = metrics._recorders
+    assert recorders is not None
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "") if recorders.multiprocess else ""
+    started_key = ("rotator_operations_started_total", (("kind", "safe_migrate"),))
+    canceled_key = (
+        "rotator_operations_ended_total",
+        (("kind", "safe_migrate"), ("state", "canceled")),
+    )
+    tenant = make_tenant(database)
+    with overridden(settings, metrics_dir=directory, allow_insecure_urls=True):
+        before = _samples(client)
+        with database.session() as session:
+            source = create_endpoint(
+                session, tenant.org_id, url="http://127.0.0.1:9/x", events=["brand.vetted"]
+            ).endpoint
+        try:
+            with database.session() as session:
+                operations.start_migration(session, tenant.org_id, source.id)
+                raise RuntimeError("roll back")
+        except RuntimeError:
+            pass
+        with database.session() as session:
+            operation_id = operations.start_migration(
+                session, tenant.org_id, source.id
+            ).operation.id
+        with database.session() as session:
+            operations.request_cancel(session, tenant.org_id, operation_id)
+        advance(database, operation_id)  # ends it: canceled before it created anything
+        statements: list[str] = []
+
+        def seen(_conn, _cursor, statement, *_):
+            statements.append(statement)
+
+        event.listen(database.engine, "before_cursor_execute", seen)
+        try:
+            after = _samples(client)
+        finally:
+            event.remove(database.engine, "before_cursor_execute", seen)
+    assert after[started_key] - before[started_key] == 1
+    assert after[canceled_key] - before[canceled_key] == 1
+    on_operations = [s for s in statements if "FROM operations" in s]
+    assert on_operations
+    assert all("finished_at IS NULL" in s for s in on_operations), on_operations

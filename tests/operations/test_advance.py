@@ -657,7 +657,8 @@ def watched(database) -> Iterator[Seen]:
     seen = Seen()
 
     def on_statement(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        seen.statements.append(" ".join(statement.split()))
+        if not statement.startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE: not a query
+            seen.statements.append(" ".join(statement.split()))
 
     def on_commit(_conn: Any) -> None:
         seen.commits += 1

@@ -28,6 +28,10 @@ from receiver import (
 )
 from receiver.handoff import ALGORITHM, HANDOFF_EVENT, HANDOFF_INFO
 
+# These tests open handoffs without an org signature on purpose; the warning that this earns is
+# tested in test_handoff_org_signature.py.
+pytestmark = pytest.mark.filterwarnings("ignore::receiver.handoff.UnverifiedHandoffWarning")
+
 OLD_SECRET = base64.b64encode(bytes(range(100, 132))).decode()
 NEW_SECRET = base64.b64encode(bytes(range(200, 232))).decode()
 OTHER_SECRET = base64.b64encode(b"x" * 32).decode()
