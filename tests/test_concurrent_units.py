@@ -18,6 +18,7 @@ from models import operation as operations
 from models.db import Database
 from models.endpoint import WebhookEndpoint
 from models.errors import Conflict, LimitExceeded
+from models.org import ALL_SCOPES
 from models.reads import Query
 from rotator.settings import Settings
 from tests.factories import Tenant, make_tenant
@@ -97,7 +98,9 @@ def test_a_secret_is_revealed_once_when_two_processes_ask_at_once(database, sett
         def reveal(pool: Database) -> Callable[[], str]:
             def unit() -> str:
                 with pool.session() as session:
-                    return operations.reveal_secret(session, tenant.org_id, operation_id)[1]
+                    return operations.reveal_secret(
+                        session, tenant.org_id, operation_id, scopes=ALL_SCOPES
+                    )[1]
 
             return unit
 

@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from models import clock, heartbeat
+from models.org import ALL_SCOPES
 from rotator import metrics
 from tests.conftest import overridden
 
@@ -221,7 +222,7 @@ def test_operations_are_counted_as_they_start_and_end_and_a_scrape_does_not_coun
                 session, tenant.org_id, source.id
             ).operation.id
         with database.session() as session:
-            operations.request_cancel(session, tenant.org_id, operation_id)
+            operations.request_cancel(session, tenant.org_id, operation_id, scopes=ALL_SCOPES)
         advance(database, operation_id)  # ends it: canceled before it created anything
         statements: list[str] = []
 
