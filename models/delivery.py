@@ -48,10 +48,18 @@ from models.events import SUBSCRIBABLE_EVENT_TYPES, SYSTEM_EVENT_TYPES, TEST_EVE
 from models.ids import new_event_id, new_id
 from models.org import lock_org
 from models.pagination import Page, paginate
-from receiver.signing import signature_headers
+from receiver.signing import (
+    AMCORE_ORG_SIGNATURE_HEADER,
+    AMCORE_SIGNATURE_HEADER,
+    WEBHOOK_SIGNATURE_HEADER,
+    signature_headers,
+)
 
 EXCERPT_CHARS = 2048
-SIGNATURE_HEADERS = frozenset({"x-amcore-signature", "x-amcore-org-signature", "webhook-signature"})
+SIGNATURE_HEADERS = frozenset(
+    name.lower()
+    for name in (AMCORE_SIGNATURE_HEADER, AMCORE_ORG_SIGNATURE_HEADER, WEBHOOK_SIGNATURE_HEADER)
+)
 
 
 class DeliveryKind(StrEnum):

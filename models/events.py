@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from receiver.handoff import HANDOFF_EVENT
+
 SUBSCRIBABLE_EVENT_TYPES: frozenset[str] = frozenset(
     {
         "brand.vetted",
@@ -26,8 +28,6 @@ SUBSCRIBABLE_EVENT_TYPES: frozenset[str] = frozenset(
 
 # Sent by Rotator itself, never subscribed to.
 TEST_EVENT = "webhook.test"
-SECRET_HANDOFF_EVENT = "webhook.secret_handoff"  # noqa: S105 - an event name
-SYSTEM_EVENT_TYPES: frozenset[str] = frozenset({TEST_EVENT, SECRET_HANDOFF_EVENT})
+SYSTEM_EVENT_TYPES: frozenset[str] = frozenset({TEST_EVENT, HANDOFF_EVENT})
 
 SUPPORTED_API_VERSIONS: tuple[str, ...] = ("2026-04-01",)
-DEFAULT_API_VERSION = SUPPORTED_API_VERSIONS[0]

@@ -82,9 +82,6 @@ class RotationPolicy(IdMixin, Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-FIELDS = frozenset(
-    {"target", "endpoint_id", "strategy", "interval_seconds", "paused", "handoff", "next_run_at"}
-)
 UPDATABLE = frozenset({"strategy", "interval_seconds", "paused", "handoff", "next_run_at"})
 
 

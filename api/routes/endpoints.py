@@ -31,7 +31,6 @@ router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
 Reader = Annotated[Caller, Depends(require(Scope.WEBHOOKS_READ))]
 Writer = Annotated[Caller, Depends(require(Scope.WEBHOOKS_WRITE))]
-EndpointId = Annotated[uuid.UUID, "endpoint id (UUID)"]
 
 
 # First: the busiest route, as routes are matched in order. It authorizes by a plain call
