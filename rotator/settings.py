@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     # check): a revoked key keeps reading for at most this long. 0 checks on every request.
     auth_cache_seconds: float = Field(default=5.0, ge=0, le=300)
 
+    # Retention (docs/operating.md, Retention): delivery attempts, finished deliveries, their
+    # events and finished operations older than this many days are deleted by a beat tick.
+    retention_days: int = Field(default=30, ge=1, le=36_500)
+
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     # A pooled connection idle longer than this is pinged before use (one round trip); busier
