@@ -6,6 +6,7 @@ GET pays for one dict, not a model validation round trip.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable
 from datetime import datetime
@@ -36,6 +37,7 @@ from models.operation import (
     StepState,
     Trigger,
 )
+from models.pagination import CURSOR_PATTERN
 from models.policy import MAX_INTERVAL_S, Handoff, RotationPolicy, Strategy, Target
 from rotator.settings import Settings
 
@@ -58,9 +60,6 @@ def _values(members: Iterable[str]) -> list[str]:
 
 POLICY_MIN_INTERVAL_S: int = Settings.model_fields["policy_min_interval_seconds"].default
 CURSOR_MAX = 512
-# Cursors are opaque: unpadded base64url (models/pagination.py). Only a ``next_cursor`` the
-# server returned is a valid one; format ``cursor`` says so to generators that know it.
-CURSOR_PATTERN = "^[A-Za-z0-9_-]*$"
 
 Url = Annotated[str, stated(maxLength=MAX_URL, pattern=URL_PATTERN)]
 EventType = Annotated[str, stated(enum=_values(SUBSCRIBABLE_EVENT_TYPES))]
@@ -91,7 +90,7 @@ CursorParam = Annotated[
     Query(
         max_length=CURSOR_MAX,
         description="the previous page's meta.next_cursor",
-        json_schema_extra={"pattern": CURSOR_PATTERN, "format": "cursor"},
+        json_schema_extra={"pattern": CURSOR_PATTERN},
     ),
 ]
 OperationStateParam = Annotated[
@@ -110,6 +109,22 @@ EventTypeParam = Annotated[
 OutcomeParam = Annotated[
     str | None, Query(max_length=16, json_schema_extra={"enum": _values(Outcome)})
 ]
+# RFC 3339 with seconds and an offset, as format date-time says; a bare number (which pydantic
+# would read as a Unix time) or a time without offset is refused.
+RFC3339 = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+_RFC3339 = re.compile(RFC3339)
+
+
+def _rfc3339(value: Any) -> Any:
+    if isinstance(value, str) and not _RFC3339.match(value):
+        raise ValueError("must be an RFC 3339 time with seconds and a UTC offset")
+    return value
+
+
+TimeParam = Annotated[datetime | None, BeforeValidator(_rfc3339), Query()]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(

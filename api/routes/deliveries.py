@@ -19,6 +19,7 @@ from api.schemas import (
     EventTypeParam,
     OutcomeParam,
     ReplayOut,
+    TimeParam,
     attempt_json,
     list_json,
 )
@@ -46,8 +47,8 @@ async def list_deliveries(
     endpoint_id: uuid.UUID | None = None,
     event_type: EventTypeParam = None,
     outcome: OutcomeParam = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: TimeParam = None,
+    until: TimeParam = None,
     http_status_min: Annotated[int | None, Query(ge=100, le=599)] = None,
     http_status_max: Annotated[int | None, Query(ge=100, le=599)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,

@@ -103,7 +103,7 @@ async def update_endpoint(endpoint_id: uuid.UUID, request: Request, caller: Writ
     "/{endpoint_id}",
     status_code=204,
     response_class=Response,
-    responses=responses(401, 403, 404, 422),
+    responses=responses(401, 403, 404, 409, 422),
 )
 async def delete_endpoint(endpoint_id: uuid.UUID, caller: Writer) -> Response:
     """Soft delete: the endpoint stops receiving; its delivery history is kept."""

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from api.schemas import CURSOR_PATTERN
 from models.endpoint import URL_PATTERN
 from models.idempotency import KEY_PATTERN
+from models.pagination import CURSOR_PATTERN
 from tests.factories import Tenant, endpoint_body, make_tenant
 
 
@@ -47,7 +47,7 @@ def _refused(response: Any, field: str) -> None:
 # --- what the schema states ---------------------------------------------------------------------
 
 
-def test_filters_are_enums_and_cursors_have_a_format(openapi) -> None:
+def test_filters_are_enums_and_cursors_have_a_pattern(openapi) -> None:
     state = _parameter(openapi, "/v1/operations", "get", "state")
     assert "awaiting_receiver" in state["enum"]
     assert "safe_migrate" in _parameter(openapi, "/v1/operations", "get", "kind")["enum"]
@@ -56,9 +56,7 @@ def test_filters_are_enums_and_cursors_have_a_format(openapi) -> None:
     outcome = _parameter(openapi, "/v1/webhooks/deliveries", "get", "outcome")
     assert sorted(outcome["enum"]) == ["dead", "retry", "success"]
     for path in ("/v1/webhooks", "/v1/operations", "/v1/rotation-policies"):
-        cursor = _parameter(openapi, path, "get", "cursor")
-        assert cursor["format"] == "cursor"
-        assert cursor["pattern"] == CURSOR_PATTERN
+        assert _parameter(openapi, path, "get", "cursor")["pattern"] == CURSOR_PATTERN
 
 
 def test_endpoint_bodies_state_their_rules(openapi) -> None:
@@ -143,3 +141,23 @@ def test_an_integral_number_is_an_integer_and_a_fraction_is_not(client, tenant) 
         headers=tenant.headers,
     )
     assert response.status_code == 202, response.text
+
+
+@pytest.mark.parametrize("cursor", ["0000", "1-" + "0" * 31, "x" * 40, "123-" + "A" * 32])
+def test_a_cursor_outside_the_pattern_is_refused(client, tenant, cursor) -> None:
+    response = client.get("/v1/webhooks", params={"cursor": cursor}, headers=tenant.headers)
+    _refused(response, "cursor")
+
+
+def test_any_cursor_inside_the_pattern_is_taken(client, tenant) -> None:
+    for cursor in ("", "0-" + "0" * 32, "9" * 16 + "-" + "f" * 32):
+        response = client.get("/v1/webhooks", params={"cursor": cursor}, headers=tenant.headers)
+        assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("until", ["0.5", "1700000000", "2026-01-01T00:00Z", "2026-01-01T00:00:00"])
+def test_a_time_filter_must_be_rfc3339_with_seconds_and_offset(client, tenant, until) -> None:
+    response = client.get(
+        "/v1/webhooks/deliveries", params={"until": until}, headers=tenant.headers
+    )
+    _refused(response, "until")
