@@ -235,7 +235,19 @@ def _timed_prune(db: Database) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
     deletes = [ms for ms, words in timed if words.startswith("DELETE")]
     slowest = max(timed, default=(0.0, ""))
+    by_statement: dict[str, list[float]] = {}
+    for ms, words in timed:
+        by_statement.setdefault(words, []).append(ms)
     return {
+        "by_statement": {
+            words: {
+                "count": len(times),
+                "median_ms": statistics.median(times),
+                "max_ms": max(times),
+                "total_s": sum(times) / 1000,
+            }
+            for words, times in by_statement.items()
+        },
         "seconds": elapsed,
         "rows": pruned.total,
         "pruned": pruned.__dict__,
