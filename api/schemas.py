@@ -6,17 +6,139 @@ GET pays for one dict, not a model validation round trip.
 
 from __future__ import annotations
 
+import re
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Header, Query
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from models.clock import rfc3339
-from models.delivery import DeliveryAttempt
-from models.endpoint import EndpointView, WebhookEndpoint
-from models.operation import Operation
-from models.policy import RotationPolicy
+from models.delivery import DeliveryAttempt, Outcome
+from models.endpoint import (
+    MAX_DESCRIPTION,
+    MAX_EVENTS,
+    MAX_URL,
+    URL_PATTERN,
+    EndpointView,
+    WebhookEndpoint,
+)
+from models.events import SUBSCRIBABLE_EVENT_TYPES, SUPPORTED_API_VERSIONS, SYSTEM_EVENT_TYPES
+from models.idempotency import KEY_PATTERN, MAX_KEY_LENGTH
+from models.operation import (
+    DEADLINE_MAX_S,
+    DEADLINE_MIN_S,
+    Operation,
+    OperationKind,
+    OperationState,
+    StepState,
+    Trigger,
+)
+from models.pagination import CURSOR_PATTERN
+from models.policy import MAX_INTERVAL_S, Handoff, RotationPolicy, Strategy, Target
+from rotator.settings import Settings
+
+# --- constraints ---------------------------------------------------------------------------------
+#
+# Every constraint the server enforces is stated in the published schema, so that a request the
+# schema calls valid is accepted and one it calls invalid gets a 422 (docs/api.md, Validation).
+# Most are enforced by the domain checks in models/ (one rule, one message, whatever the
+# caller: API, command line or worker); ``stated`` only writes them into the schema.
+
+
+def stated(**schema: Any) -> Any:
+    """JSON Schema keywords for a constraint a domain check enforces (with its own message)."""
+    return Field(json_schema_extra=schema)
+
+
+def _values(members: Iterable[str]) -> list[str]:
+    return sorted(str(member) for member in members)
+
+
+POLICY_MIN_INTERVAL_S: int = Settings.model_fields["policy_min_interval_seconds"].default
+CURSOR_MAX = 512
+
+Url = Annotated[str, stated(maxLength=MAX_URL, pattern=URL_PATTERN)]
+EventType = Annotated[str, stated(enum=_values(SUBSCRIBABLE_EVENT_TYPES))]
+AnyEventType = Annotated[str, stated(enum=_values(SUBSCRIBABLE_EVENT_TYPES | SYSTEM_EVENT_TYPES))]
+EventTypes = Annotated[list[EventType], stated(minItems=1, maxItems=MAX_EVENTS, uniqueItems=True)]
+Description = Annotated[str, stated(maxLength=MAX_DESCRIPTION, pattern="^[^\\u0000]*$")]
+ApiVersion = Annotated[str, stated(enum=list(SUPPORTED_API_VERSIONS))]
+OutcomeName = Annotated[str, stated(enum=_values(Outcome))]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer includes ``60.0``: take an integral float as the integer it is."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+DeadlineSeconds = Annotated[Integer, stated(minimum=DEADLINE_MIN_S, maximum=DEADLINE_MAX_S)]
+IntervalSeconds = Annotated[Integer, stated(minimum=POLICY_MIN_INTERVAL_S, maximum=MAX_INTERVAL_S)]
+TargetName = Annotated[str, stated(enum=_values(Target))]
+StrategyName = Annotated[str, stated(enum=_values(Strategy))]
+HandoffName = Annotated[str, stated(enum=_values(Handoff))]
+
+# Query and header parameters, for the routes' signatures.
+CursorParam = Annotated[
+    str | None,
+    Query(
+        max_length=CURSOR_MAX,
+        description="the previous page's meta.next_cursor",
+        json_schema_extra={"pattern": CURSOR_PATTERN},
+    ),
+]
+OperationStateParam = Annotated[
+    str | None, Query(max_length=32, json_schema_extra={"enum": _values(OperationState)})
+]
+OperationKindParam = Annotated[
+    str | None, Query(max_length=32, json_schema_extra={"enum": _values(OperationKind)})
+]
+EventTypeParam = Annotated[
+    str | None,
+    Query(
+        max_length=64,
+        json_schema_extra={"enum": _values(SUBSCRIBABLE_EVENT_TYPES | SYSTEM_EVENT_TYPES)},
+    ),
+]
+OutcomeParam = Annotated[
+    str | None, Query(max_length=16, json_schema_extra={"enum": _values(Outcome)})
+]
+# RFC 3339 with seconds and an offset, as format date-time says; a bare number (which pydantic
+# would read as a Unix time) or a time without offset is refused.
+RFC3339 = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+_RFC3339 = re.compile(RFC3339)
+
+
+def _rfc3339(value: Any) -> Any:
+    if isinstance(value, str) and not _RFC3339.match(value):
+        raise ValueError("must be an RFC 3339 time with seconds and a UTC offset")
+    return value
+
+
+TimeParam = Annotated[datetime | None, BeforeValidator(_rfc3339), Query()]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="the same key and body return the first response again for 24 hours",
+        json_schema_extra={"maxLength": MAX_KEY_LENGTH, "pattern": KEY_PATTERN},
+    ),
+]
+
+
+def _no_defaults(schema: dict[str, Any]) -> None:
+    """A partial update's fields have no default: absent means unchanged."""
+    for field in schema.get("properties", {}).values():
+        field.pop("default", None)
 
 
 class _Strict(BaseModel):
@@ -24,20 +146,25 @@ class _Strict(BaseModel):
 
 
 class EndpointCreate(_Strict):
-    url: str = Field(description="https:// URL that receives deliveries")
-    events: list[str] = Field(description="1-50 subscribable event types, no duplicates")
-    description: str = Field(default="", description="at most 200 characters")
-    api_version: str = Field(default="2026-04-01", description="supported: 2026-04-01")
+    url: Url = Field(description="https:// URL that receives deliveries")
+    events: EventTypes = Field(description="1-50 subscribable event types, no duplicates")
+    description: Description = Field(default="", description="at most 200 characters")
+    api_version: ApiVersion = Field(default="2026-04-01", description="supported: 2026-04-01")
 
 
 class EndpointUpdate(_Strict):
-    """Partial update: only the fields present change. ``{}`` is accepted."""
+    """Partial update: only the fields present change. ``{}`` is accepted. ``api_version`` is
+    immutable: present, it is refused (422)."""
 
-    url: str = ""
-    description: str = ""
-    events: list[str] = Field(default_factory=list)
+    model_config = ConfigDict(json_schema_extra=_no_defaults)
+
+    url: Url = ""
+    description: Description = Field(default="", description="blank clears")
+    events: EventTypes = Field(default_factory=list, description="replaces the set")
     active: bool = True
-    api_version: str = Field(default="", description="immutable: present means 422")
+    # Parsed so that the 422 can say "is immutable"; left out of the schema, which allows no
+    # property it does not list.
+    api_version: SkipJsonSchema[str] = ""
 
 
 class Endpoint(BaseModel):
@@ -45,9 +172,9 @@ class Endpoint(BaseModel):
     org_id: str
     url: str
     description: str | None = Field(default=None, description="omitted when empty")
-    events: list[str]
+    events: list[EventType]
     active: bool
-    api_version: str
+    api_version: ApiVersion
     created_at: str
     updated_at: str
     deleted_at: str | None
@@ -103,7 +230,7 @@ def list_json(
 
 
 class EventPublish(_Strict):
-    type: str = Field(description="a subscribable event type")
+    type: EventType = Field(description="a subscribable event type")
     data: dict[str, Any] = Field(default_factory=dict, description="the event payload")
 
 
@@ -123,10 +250,10 @@ class DeliveryAttemptOut(BaseModel):
     id: str
     endpoint_id: str
     event_id: str
-    event_type: str
+    event_type: AnyEventType
     url: str
     attempt: int
-    outcome: str = Field(description="success | retry | dead")
+    outcome: OutcomeName
     response_status: int | None
     response_time_ms: int
     request_body_sha256: str
@@ -153,7 +280,7 @@ class ReplayOut(BaseModel):
 
 class TestDeliveryOut(BaseModel):
     event_id: str
-    outcome: str = Field(description="success | retry | dead")
+    outcome: OutcomeName
     url: str
     response_status: int | None
     response_time_ms: int
@@ -195,10 +322,10 @@ def attempt_json(attempt: DeliveryAttempt) -> dict[str, Any]:
 class MigrateRequest(_Strict):
     """All optional: the new endpoint copies the old one's url, events and description."""
 
-    url: str | None = None
-    events: list[str] | None = None
-    description: str | None = None
-    deadline_seconds: int = Field(default=900, description="60-86400")
+    url: Url | None = None
+    events: EventTypes | None = None
+    description: Description | None = None
+    deadline_seconds: DeadlineSeconds = Field(default=900, description="60-86400")
 
 
 class OperationError(BaseModel):
@@ -208,7 +335,7 @@ class OperationError(BaseModel):
 
 class OperationStepOut(BaseModel):
     name: str
-    state: str = Field(description="pending | running | succeeded | failed | skipped")
+    state: Annotated[str, stated(enum=_values(StepState))]
     attempts: int
     started_at: str | None
     finished_at: str | None
@@ -219,12 +346,9 @@ class OperationStepOut(BaseModel):
 class OperationOut(BaseModel):
     id: str
     org_id: str
-    kind: str = Field(description="safe_migrate | scheduled_rotation | org_secret_rotation")
-    state: str = Field(
-        description="pending | running | awaiting_receiver | succeeded | rolled_back | failed"
-        " | canceled"
-    )
-    trigger: str = Field(description="api | schedule")
+    kind: Annotated[str, stated(enum=_values(OperationKind))]
+    state: Annotated[str, stated(enum=_values(OperationState))]
+    trigger: Annotated[str, stated(enum=_values(Trigger))]
     policy_id: str | None
     source_endpoint_id: str | None
     new_endpoint_id: str | None
@@ -298,14 +422,17 @@ def _str(value: object | None) -> str | None:
 
 
 class PolicyCreate(_Strict):
-    target: str = Field(description="endpoint | org_secret")
+    """An endpoint policy names a live endpoint of the organization; an org_secret policy
+    names none and rotates; ``in_band`` handoff needs ``safe_migrate``."""
+
+    target: TargetName
     endpoint_id: uuid.UUID | None = Field(default=None, description="for target endpoint")
-    strategy: str | None = Field(
-        default=None, description="safe_migrate | rotate (default: safe_migrate for endpoints)"
+    strategy: StrategyName | None = Field(
+        default=None, description="default: safe_migrate for endpoints, rotate for org_secret"
     )
-    interval_seconds: int = Field(description="at least 60")
+    interval_seconds: IntervalSeconds
     paused: bool = False
-    handoff: str = Field(default="none", description="none | in_band (safe_migrate only)")
+    handoff: HandoffName = Field(default="none", description="in_band: safe_migrate only")
     next_run_at: datetime | None = Field(
         default=None, description="first run (default: one interval from now)"
     )
@@ -314,21 +441,23 @@ class PolicyCreate(_Strict):
 class PolicyUpdate(_Strict):
     """Partial update of a policy; target and endpoint are fixed."""
 
-    strategy: str = "safe_migrate"
-    interval_seconds: int = 60
+    model_config = ConfigDict(json_schema_extra=_no_defaults)
+
+    strategy: StrategyName = "safe_migrate"
+    interval_seconds: IntervalSeconds = POLICY_MIN_INTERVAL_S
     paused: bool = False
-    handoff: str = "none"
+    handoff: HandoffName = "none"
     next_run_at: datetime | None = None
 
 
 class Policy(BaseModel):
     id: str
-    target: str
+    target: TargetName
     endpoint_id: str | None
-    strategy: str
+    strategy: StrategyName
     interval_seconds: int
     paused: bool
-    handoff: str
+    handoff: HandoffName
     next_run_at: str
     last_run_at: str | None
     last_operation_id: str | None

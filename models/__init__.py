@@ -14,6 +14,7 @@ from models.operation import Operation, OperationStep
 from models.org import ApiKey, Organization
 from models.org_secret import OrgSecret
 from models.policy import RotationPolicy
+from models.retention import INDEXES as RETENTION_INDEXES
 
 __all__ = [
     "ApiKey",
@@ -28,6 +29,7 @@ __all__ = [
     "OperationStep",
     "OrgSecret",
     "Organization",
+    "RETENTION_INDEXES",
     "RotationPolicy",
     "WebhookEndpoint",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import re
 import secrets
 import uuid
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,19 @@ from models.reads import Query, Reads
 MAX_EVENTS = 50
 MAX_DESCRIPTION = 200
 MAX_URL = 2048
+# What an endpoint url may be, as the published schema states it (api/schemas.py): printable
+# ASCII (non-ASCII is percent-encoded, hosts in punycode), a DNS name or IPv4 host, an optional
+# port in 0-65535, then path, query or fragment. No credentials, no IPv6 literal.
+URL_HOST_PORT_REST = (
+    r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?"
+    r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?"
+    r"(?:[/?#][!-~]*)?"
+)
+URL_PATTERN = f"^https://{URL_HOST_PORT_REST}$"
+_URL = {
+    False: re.compile(f"https://{URL_HOST_PORT_REST}"),
+    True: re.compile(f"https?://{URL_HOST_PORT_REST}"),
+}
 SECRET_BYTES = 32
 
 
@@ -118,11 +132,14 @@ def check_url(session: Session, url: Any) -> str | None:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:
         return "is not a valid URL"
-    allowed = ("https", "http") if settings_of(session).allow_insecure_urls else ("https",)
+    insecure = settings_of(session).allow_insecure_urls
+    allowed = ("https", "http") if insecure else ("https",)
     if parts.scheme not in allowed:
         return "must be an https:// URL"
     if not parts.hostname:
         return "must include a host"
+    if not _URL[insecure].fullmatch(url):
+        return "must be printable ASCII: https://host[:port][/path], no credentials"
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,6 +25,9 @@ from models.errors import ValidationFailed
 from models.ids import new_id
 
 MAX_KEY_LENGTH = 255
+# Printable ASCII, no space at either end (HTTP trims header values), as api/schemas.py states.
+KEY_PATTERN = r"^[!-~](?:[ -~]*[!-~])?$"
+_KEY = re.compile(KEY_PATTERN.removeprefix("^").removesuffix("$"))
 RETENTION = timedelta(hours=24)
 
 
@@ -48,9 +52,9 @@ def request_fingerprint(*parts: Any) -> str:
 
 
 def check_key(key: str) -> None:
-    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+    if len(key) > MAX_KEY_LENGTH or not _KEY.fullmatch(key):
         raise ValidationFailed(
-            {"Idempotency-Key": f"must be 1-{MAX_KEY_LENGTH} printable characters"}
+            {"Idempotency-Key": f"must be 1-{MAX_KEY_LENGTH} printable ASCII characters"}
         )
 
 

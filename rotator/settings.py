@@ -147,6 +147,9 @@ class Settings(BaseSettings):
     # A stream is closed after this long even if its operation is still running (a client
     # reconnects); a dead client is noticed sooner, at the next keep-alive.
     sse_stream_max_seconds: float = Field(default=3600.0, ge=1, le=86_400)
+    # Retention (docs/operating.md, Retention): delivery attempts, finished deliveries, their
+    # events and finished operations older than this many days are deleted by a beat tick.
+    retention_days: int = Field(default=30, ge=1, le=36_500)
 
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)

@@ -17,6 +17,8 @@ TICKS: tuple[tuple[TaskName, float], ...] = (
     (TaskName.OPERATION_RECONCILE, 15.0),
     (TaskName.POLICY_TICK, 15.0),
     (TaskName.ORG_SECRET_SWEEP, 30.0),
+    # Each run deletes for at most about 20 s (models.retention.TICK_BUDGET_S).
+    (TaskName.RETENTION_PRUNE, 300.0),
 )
 
 

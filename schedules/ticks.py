@@ -14,7 +14,7 @@ from datetime import timedelta
 from sqlalchemy.orm import Session
 
 from models import delivery as deliveries
-from models import heartbeat, org_secret, policy
+from models import heartbeat, org_secret, policy, retention
 from models import operation as operations
 from models.db import get_database
 from workers.app import app
@@ -91,3 +91,15 @@ def run_due_policies() -> int:
     if runs:
         log.info("rotation policies due: %d, operations started: %d", len(runs), started)
     return started
+
+
+@app.task(name=TaskName.RETENTION_PRUNE)
+def prune_history() -> int:
+    """Delete history older than ``ROTATOR_RETENTION_DAYS``, in short batches (models.retention)."""
+    db = get_database()
+    pruned = retention.prune(db)
+    with db.session() as session:
+        heartbeat.record(session, TaskName.RETENTION_PRUNE)
+    if pruned.total:
+        log.info("retention deleted %s", pruned)
+    return pruned.total

@@ -13,3 +13,4 @@ class TaskName(StrEnum):
     POLICY_TICK = "policy.tick"
     ORG_SECRET_EXPIRE = "org_secret.expire"  # noqa: S105 - a task name
     ORG_SECRET_SWEEP = "org_secret.sweep"  # noqa: S105 - a task name
+    RETENTION_PRUNE = "retention.prune"

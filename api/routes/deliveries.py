@@ -13,9 +13,13 @@ from sqlalchemy.orm import Session
 from api.deps import Caller, require
 from api.errors import responses
 from api.schemas import (
+    CursorParam,
     DeliveryAttemptList,
     DeliveryAttemptOut,
+    EventTypeParam,
+    OutcomeParam,
     ReplayOut,
+    TimeParam,
     attempt_json,
     list_json,
 )
@@ -41,14 +45,14 @@ def _aware(field: str, value: datetime | None) -> datetime | None:
 async def list_deliveries(
     caller: Reader,
     endpoint_id: uuid.UUID | None = None,
-    event_type: Annotated[str | None, Query(max_length=64)] = None,
-    outcome: Annotated[str | None, Query(max_length=16)] = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    event_type: EventTypeParam = None,
+    outcome: OutcomeParam = None,
+    since: TimeParam = None,
+    until: TimeParam = None,
     http_status_min: Annotated[int | None, Query(ge=100, le=599)] = None,
     http_status_max: Annotated[int | None, Query(ge=100, le=599)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: CursorParam = None,
 ) -> JSONResponse:
     """One row per delivery attempt, newest first."""
     filters = deliveries.AttemptFilter(

@@ -12,6 +12,7 @@ from api.deps import Caller, authorize, body_doc, parse_id, read_json, require
 from api.errors import responses
 from api.isolation import sending_threads
 from api.schemas import (
+    CursorParam,
     Endpoint,
     EndpointCreate,
     EndpointList,
@@ -72,7 +73,7 @@ async def create_endpoint(request: Request, caller: Writer) -> JSONResponse:
 async def list_endpoints(
     caller: Reader,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: CursorParam = None,
 ) -> JSONResponse:
     """Live endpoints of the caller's organization, newest first."""
     page = await caller.run(endpoints.list_endpoints, limit=limit, cursor=cursor)

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
@@ -16,9 +16,13 @@ from api import isolation
 from api.deps import Caller, body_doc, read_json, require
 from api.errors import responses
 from api.schemas import (
+    CursorParam,
+    IdempotencyKeyHeader,
     MigrateRequest,
+    OperationKindParam,
     OperationList,
     OperationOut,
+    OperationStateParam,
     OperationWithSecret,
     RevealedSecret,
     list_json,
@@ -111,7 +115,7 @@ async def migrate_endpoint(
     endpoint_id: uuid.UUID,
     request: Request,
     caller: Writer,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
     """Start a safe migrate: a new endpoint with a new secret (shown once, here), a test
     delivery until the receiver accepts it, then the old endpoint is deleted; past the
@@ -128,11 +132,11 @@ async def migrate_endpoint(
 @router.get("/v1/operations", response_model=OperationList, responses=responses(401, 403, 422))
 async def list_operations(
     caller: Reader,
-    state: Annotated[str | None, Query(max_length=32)] = None,
-    kind: Annotated[str | None, Query(max_length=32)] = None,
+    state: OperationStateParam = None,
+    kind: OperationKindParam = None,
     endpoint_id: uuid.UUID | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: CursorParam = None,
 ) -> JSONResponse:
     """Operations of the caller's organization, newest first."""
     page = await caller.run(

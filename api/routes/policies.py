@@ -11,7 +11,15 @@ from sqlalchemy.orm import Session
 
 from api.deps import Caller, body_doc, read_json, require
 from api.errors import responses
-from api.schemas import Policy, PolicyCreate, PolicyList, PolicyUpdate, list_json, policy_json
+from api.schemas import (
+    CursorParam,
+    Policy,
+    PolicyCreate,
+    PolicyList,
+    PolicyUpdate,
+    list_json,
+    policy_json,
+)
 from models import policy as policies
 from models.errors import Forbidden
 from models.org import Scope
@@ -56,7 +64,7 @@ async def create_policy(request: Request, caller: Writer) -> JSONResponse:
 async def list_policies(
     caller: Reader,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: CursorParam = None,
 ) -> JSONResponse:
     """The organization's rotation policies, newest first."""
     page = await caller.run(policies.list_policies, limit=limit, cursor=cursor)
