@@ -284,8 +284,8 @@ def _assert_contract(response: Any) -> None:
     assert isinstance(error["message"], str)
     assert error["message"]
     assert error["request_id"] == request_id
-    if "details" in error:
-        assert status == 422, body
+    if "details" in error:  # field errors, or a 409 naming what is busy (docs/api.md)
+        assert (status, error["code"]) in {(422, "VALIDATION_FAILED"), (409, "CONFLICT")}, body
         assert isinstance(error["details"], dict)
         assert error["details"]
         assert all(isinstance(value, str) for value in error["details"].values())
