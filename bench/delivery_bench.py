@@ -145,7 +145,9 @@ class Setup:
     org_id: str
 
 
-def prepare_rotator(rotator: str, database_url: str, broker_url: str) -> Setup:
+def prepare_rotator(
+    rotator: str, database_url: str, broker_url: str, overrides: Sequence[str] = ()
+) -> Setup:
     ensure_database(database_url)
     flush_broker(broker_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
@@ -160,6 +162,9 @@ def prepare_rotator(rotator: str, database_url: str, broker_url: str) -> Setup:
         ROTATOR_ALLOW_INSECURE_URLS="true",
         ROTATOR_LOG_LEVEL=os.environ.get("ROTATOR_LOG_LEVEL", "WARNING"),
     )
+    for item in overrides:
+        name, _, value = item.partition("=")
+        env[name] = value
     rotator_cli(rotator, env, "db", "upgrade")
     vacuum_analyze(database_url)
     issued = json.loads(rotator_cli(rotator, env, "orgs", "create", "--name", "delivery-bench"))
@@ -727,7 +732,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--broker-url", default=DEFAULT_BROKER_URL)
     parser.add_argument("--keep-logs", action="store_true", help="copy logs to bench/results/")
     parser.add_argument("--no-save", action="store_true", help="do not write the JSON result")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="ROTATOR_NAME=VALUE",
+        help="a setting for Rotator's processes (repeatable), e.g. ROTATOR_DELIVERY_CONCURRENCY=16",
+    )
     args = parser.parse_args(argv)
+    if any(not item.startswith("ROTATOR_") or "=" not in item for item in args.set):
+        parser.error("--set takes ROTATOR_NAME=VALUE")
     try:
         args.settings = [WorkerSetting.parse(item.strip()) for item in args.workers.split(",")]
     except ValueError as exc:
@@ -758,7 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_dir = Path(tmp)
         try:
             rotator = find_bin("rotator")
-            setup = prepare_rotator(rotator, args.database_url, args.broker_url)
+            setup = prepare_rotator(rotator, args.database_url, args.broker_url, args.set)
             receiver_port = free_port()
             receiver_proc = Proc(
                 "receiver",

@@ -8,9 +8,10 @@ Three kinds of thread per process:
 * the dispatcher: claims as many due deliveries as there are free slots (one transaction),
   hands each to a posting thread, and sleeps until a slot frees, a message wakes it, or the
   next delivery falls due;
-* ``delivery_concurrency`` posting threads: each sends one request at a time on its own
-  keep-alive ``Sender``, bounded by the total deadline (workers/http.py), so a slow receiver
-  costs one thread for at most that long, never a worker;
+* ``delivery_concurrency`` posting threads: each sends one request at a time on a keep-alive
+  ``Sender`` to that receiver borrowed from the process's ``SenderPool``, bounded by the total
+  deadline (workers/http.py), so a slow receiver costs one thread for at most that long, never
+  a worker;
 * the recorder: records finished attempts in batches (one transaction for all that finished
   meanwhile) and frees their slots.
 
@@ -32,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from models import delivery as deliveries
 from models.db import Database
 from workers.http import SendResult
-from workers.sending import report_attempt, sender_for
+from workers.sending import SenderPool, report_attempt
 
 log = logging.getLogger("rotator.dispatcher")
 
@@ -67,6 +68,9 @@ class Dispatcher:
         self._woken = False
         self._stopping = False
         self._done: queue.Queue[_Sent | None] = queue.Queue()
+        # Idle keep-alive connections: room for every slot's, and as many again for receivers
+        # that were busy a moment ago.
+        self._senders = SenderPool(db.settings, idle_max=2 * self.slots)
         self._posting = ThreadPoolExecutor(
             max_workers=self.slots, thread_name_prefix="delivery-post"
         )
@@ -102,6 +106,7 @@ class Dispatcher:
         wait = timeout if timeout is not None else 2 * self.db.settings.delivery_timeout_seconds
         self._threads[0].join(wait)
         self._posting.shutdown(wait=True)
+        self._senders.close()
         self._done.put(None)
         self._threads[1].join(wait)
 
@@ -150,7 +155,7 @@ class Dispatcher:
 
     def _post(self, plan: deliveries.AttemptPlan) -> None:
         try:
-            result = sender_for(self.db).post(plan.url, plan.body, plan.headers)
+            result = self._senders.post(plan.url, plan.body, plan.headers)
         except Exception:  # post never raises; should it, the attempt is still recorded
             log.exception("posting a delivery failed")
             result = SendResult(None, 0, "", "unexpected error", None)

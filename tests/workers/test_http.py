@@ -13,6 +13,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
@@ -24,6 +25,7 @@ import httpcore
 import httpx
 import pytest
 
+from rotator.settings import Settings
 from workers.http import (
     EXCERPT_BYTES,
     USER_AGENT,
@@ -35,6 +37,7 @@ from workers.http import (
     blocked_reason,
     parse_retry_after,
 )
+from workers.sending import SenderPool
 
 HUGE_BYTES = 1 << 30  # announced by /huge; the client must stop long before
 PATTERN = b"abcdefghijklmnopqrstuvwxyz0123456789"
@@ -1039,3 +1042,81 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(formatdate(now - 90, usegmt=True), now=now) == 0.0
     for unusable in (None, "", "-1", "1.5", "soon", "9" * 50, "Fri, 99 Foo 2024"):
         assert parse_retry_after(unusable, now=now) is None
+
+
+# --- the dispatcher's senders, lent by receiver -----------------------------------------------
+
+
+@pytest.fixture
+def other_receiver() -> Iterator[ReceiverServer]:
+    server = ReceiverServer()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.daemon = True
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture
+def loopback(settings: Settings) -> Settings:
+    """Settings whose senders may reach the http:// receivers on 127.0.0.1."""
+    return settings.model_copy(update={"allow_insecure_urls": True})
+
+
+def test_pool_reuses_one_connection_per_receiver_across_receivers(
+    loopback: Settings, receiver: ReceiverServer, other_receiver: ReceiverServer
+) -> None:
+    pool = SenderPool(loopback, idle_max=8)
+    try:
+        for _ in range(4):  # alternating: a single one-connection client would reconnect each time
+            assert pool.post(receiver.url("/ok"), b"{}", {}).ok
+            assert pool.post(other_receiver.url("/ok"), b"{}", {}).ok
+    finally:
+        pool.close()
+    assert (receiver.connections, other_receiver.connections) == (1, 1)
+
+
+def test_pool_opens_one_connection_per_concurrent_request_and_keeps_them(
+    loopback: Settings, receiver: ReceiverServer
+) -> None:
+    pool = SenderPool(loopback, idle_max=8)
+    try:
+        with ThreadPoolExecutor(3) as threads:
+            slow = [threads.submit(pool.post, receiver.url("/slow"), b"{}", {}) for _ in range(3)]
+            deadline = time.monotonic() + 5
+            while len(receiver.requests) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            receiver.release.set()
+            assert all(future.result().ok for future in slow)
+        assert receiver.connections == 3
+        for _ in range(6):
+            assert pool.post(receiver.url("/ok"), b"{}", {}).ok
+    finally:
+        pool.close()
+    assert receiver.connections == 3
+
+
+def test_pool_closes_the_least_recently_used_beyond_its_idle_bound(
+    loopback: Settings, receiver: ReceiverServer, other_receiver: ReceiverServer
+) -> None:
+    pool = SenderPool(loopback, idle_max=1)
+    try:
+        assert pool.post(receiver.url("/ok"), b"{}", {}).ok
+        assert pool.post(other_receiver.url("/ok"), b"{}", {}).ok  # evicts the first receiver's
+        assert pool.post(receiver.url("/ok"), b"{}", {}).ok
+        assert pool.post(other_receiver.url("/ok"), b"{}", {}).ok
+    finally:
+        pool.close()
+    assert (receiver.connections, other_receiver.connections) == (2, 2)
+
+
+def test_pool_refuses_what_a_sender_refuses(settings: Settings) -> None:
+    strict = settings.model_copy(update={"allow_insecure_urls": False})
+    pool = SenderPool(strict, idle_max=1)
+    try:
+        result = pool.post("http://127.0.0.1:9/hook", b"{}", {})
+    finally:
+        pool.close()
+    assert (result.status, result.error) == (None, "blocked destination: https required")
