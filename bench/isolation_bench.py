@@ -276,7 +276,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             env,
             log_dir,
         ),
-        Proc("beat", [rotator, "beat", "--loglevel=WARNING"], env, log_dir),
+        Proc(
+            "beat",
+            [rotator, "beat", "--loglevel=WARNING", f"--schedule={log_dir / 'beat-schedule'}"],
+            env,
+            log_dir,
+        ),
     ]
     quiet_key = json.loads(rotator_cli(rotator, env, "orgs", "create", "--name", "Quiet"))
     busy_key = json.loads(rotator_cli(rotator, env, "orgs", "create", "--name", "Busy"))
