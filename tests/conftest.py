@@ -19,7 +19,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,7 @@ from typing import Any
 import pytest
 
 from tests.services import ServiceError, Services
-
-BACKEND = os.environ.get("ROTATOR_TEST_BACKEND", "embedded")
-if BACKEND not in ("embedded", "real"):
-    raise RuntimeError(f"ROTATOR_TEST_BACKEND must be 'embedded' or 'real', not {BACKEND!r}")
+from tests.support import BACKEND, E2E_SETTINGS, overridden, settings_env
 
 _DATA_DIR = Path(tempfile.mkdtemp(prefix="rotator-tests-"))
 TEST_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
@@ -166,41 +162,6 @@ def client(app) -> Iterator[TestClient]:
 
 
 # --- live processes -----------------------------------------------------------------------------
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``settings`` as the ROTATOR_ environment a child process reads them from."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if isinstance(value, list):
-            value = ",".join(str(item) for item in value)
-        elif isinstance(value, bool):
-            value = "true" if value else "false"
-        env[f"ROTATOR_{name.upper()}"] = str(value)
-    return env
-
-
-@contextmanager
-def overridden(settings: Settings, **values: Any) -> Iterator[Settings]:
-    """Change the live settings object (every session reads it) for the block's duration."""
-    saved = {name: getattr(settings, name) for name in values}
-    for name, value in values.items():
-        setattr(settings, name, value)
-    try:
-        yield settings
-    finally:
-        for name, value in saved.items():
-            setattr(settings, name, value)
-
-
-# What end-to-end tests run with: loopback receivers, a retry schedule of moments, short beats.
-E2E_SETTINGS: dict[str, Any] = {
-    "allow_insecure_urls": True,
-    "delivery_retry_schedule": [0.3, 0.3, 0.3],
-    "delivery_retry_jitter": 0.0,
-    "delivery_timeout_seconds": 3.0,
-    "beat_period_scale": 0.1,
-}
 
 
 @dataclass

@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 
 from models.db import Database
 from rotator.settings import Settings
-from tests.conftest import BACKEND
+from tests.support import BACKEND
 
 pytestmark = pytest.mark.skipif(
     BACKEND != "real", reason="a connection closed by the server needs PostgreSQL"

@@ -25,8 +25,8 @@ from models.endpoint import (
 from models.errors import NotFound
 from models.org import Organization
 from models.reads import APPLICATION_NAME, Query
-from tests.conftest import BACKEND
 from tests.factories import make_tenant
+from tests.support import BACKEND
 
 T = TypeVar("T")
 

@@ -19,8 +19,8 @@ from tests.api.helpers import (
     endpoint_row,
     raw_rows,
 )
-from tests.conftest import overridden
 from tests.factories import add_key, endpoint_body, make_tenant
+from tests.support import overridden
 
 MISSING_ID = "0190a1b2-0000-7000-8000-000000000000"
 

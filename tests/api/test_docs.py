@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from tests.conftest import overridden
+from tests.support import overridden
 
 
 def _client_with(settings, **values) -> TestClient:

@@ -24,11 +24,11 @@ from models.db import Database
 from models.delivery import Delivery, DeliveryAttempt, Event
 from models.limits import IN_FLIGHT_GRACE_S
 from tests.api.helpers import assert_error
-from tests.conftest import overridden
 from tests.deliveries.helpers import add_endpoint
 from tests.factories import Tenant, add_key, make_tenant
 from tests.live import serve_api
 from tests.receivers import dripping_receiver, scripted_receiver
+from tests.support import overridden
 
 DELIVERY_TIMEOUT_S = 15.0  # longer than any test here holds a drip
 DRIP_S = 1.0

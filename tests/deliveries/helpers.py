@@ -19,8 +19,8 @@ from models import delivery as deliveries
 from models.db import Database
 from models.delivery import Delivery, DeliveryAttempt, Event
 from models.endpoint import create_endpoint
-from tests.conftest import overridden
 from tests.receivers import Received, ScriptedReceiver, serving
+from tests.support import overridden
 
 RFC3339_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 EVENT_ID = re.compile(r"^evt_[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

@@ -20,7 +20,6 @@ from models import delivery as deliveries
 from models.delivery import DeliveryAttempt, DeliveryKind, DeliveryState, Outcome
 from models.endpoint import WebhookEndpoint
 from receiver import BadSignature, verify
-from tests.conftest import overridden
 from tests.deliveries.helpers import (
     EVENT_ID,
     RFC3339_Z,
@@ -36,6 +35,7 @@ from tests.deliveries.helpers import (
 )
 from tests.factories import make_tenant
 from tests.receivers import scripted_receiver
+from tests.support import overridden
 from workers.deliveries import attempt
 
 ENVELOPE_KEYS = {"id", "type", "api_version", "created_at", "org_id", "data"}

@@ -25,7 +25,6 @@ from models.delivery import DeliveryState, Outcome
 from models.endpoint import WebhookEndpoint
 from receiver import verify
 from schedules.ticks import reconcile_deliveries
-from tests.conftest import overridden
 from tests.deliveries.helpers import (
     add_endpoint,
     attempts_of,
@@ -36,6 +35,7 @@ from tests.deliveries.helpers import (
 )
 from tests.factories import make_tenant
 from tests.receivers import scripted_receiver
+from tests.support import overridden
 from workers.deliveries import enqueue, send
 from workers.names import TaskName
 

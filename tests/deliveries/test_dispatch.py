@@ -24,10 +24,10 @@ from models import circuit, clock
 from models import delivery as deliveries
 from models.circuit import EndpointCircuit
 from models.delivery import Delivery, DeliveryState, Outcome
-from tests.conftest import overridden
 from tests.deliveries.helpers import add_endpoint, attempts_of, delivery, publish
 from tests.factories import make_tenant
 from tests.receivers import scripted_receiver, serving
+from tests.support import overridden
 from workers.deliveries import attempt
 from workers.dispatcher import Dispatcher
 

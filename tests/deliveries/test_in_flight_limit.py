@@ -12,9 +12,9 @@ from models import clock
 from models.delivery import Delivery, DeliveryState, Event
 from models.errors import NotFound, RateLimited
 from models.limits import IN_FLIGHT_GRACE_S, count_in_flight, start_test_delivery
-from tests.conftest import overridden
 from tests.deliveries.helpers import MISSING_ID, add_endpoint
 from tests.factories import make_tenant
+from tests.support import overridden
 
 LIMIT = 2
 TIMEOUT_S = 4.0

@@ -12,10 +12,10 @@ import pytest
 
 from models import clock
 from tests.api.helpers import assert_error, assert_validation, parse_time
-from tests.conftest import overridden
 from tests.deliveries.helpers import MISSING_ID, Hook, add_endpoint, delivery, publish
 from tests.factories import Tenant, add_key, make_tenant
 from tests.receivers import scripted_receiver
+from tests.support import overridden
 from workers.deliveries import attempt
 
 LOG = "/v1/webhooks/deliveries"

@@ -14,7 +14,6 @@ from models import clock
 from models.delivery import Delivery, DeliveryKind, DeliveryState, Event
 from receiver import verify
 from tests.api.helpers import assert_error, parse_time
-from tests.conftest import overridden
 from tests.deliveries.helpers import (
     EVENT_ID,
     MISSING_ID,
@@ -26,6 +25,7 @@ from tests.deliveries.helpers import (
 )
 from tests.factories import Tenant, add_key, make_tenant
 from tests.receivers import scripted_receiver
+from tests.support import overridden
 from workers.deliveries import attempt
 
 DATA = {"brand": "b_1", "amount": {"cents": 1250, "currency": "EUR"}, "tags": ["a", "ü"]}

@@ -11,10 +11,10 @@ import pytest
 from models.delivery import Delivery, DeliveryKind, DeliveryState, Event
 from receiver import BadSignature, verify
 from tests.api.helpers import assert_error
-from tests.conftest import overridden
 from tests.deliveries.helpers import EVENT_ID, MISSING_ID, all_rows, exactly
 from tests.factories import add_key, make_tenant
 from tests.receivers import scripted_receiver
+from tests.support import overridden
 from workers.deliveries import attempt
 
 RESULT_KEYS = {

@@ -20,11 +20,11 @@ from sqlalchemy import func, select
 
 from models.delivery import Delivery
 from tests.api.helpers import assert_error
-from tests.conftest import BACKEND, settings_env
 from tests.deliveries.helpers import add_endpoint
 from tests.factories import make_tenant
 from tests.processes import BIN, free_port, rotator_env, start, stop, wait_http
 from tests.receivers import dripping_receiver, scripted_receiver
+from tests.support import BACKEND, settings_env
 
 pytestmark = pytest.mark.e2e
 

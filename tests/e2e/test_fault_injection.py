@@ -38,9 +38,9 @@ from models.operation import Operation, OperationState, Step, StepState
 from models.org import create_org
 from receiver import DemoReceiver, serve
 from rotator.settings import Settings
-from tests.conftest import BACKEND, overridden, settings_env
 from tests.processes import rotator_env, start_beat, start_worker, stop
 from tests.services import RedisServer
+from tests.support import BACKEND, overridden, settings_env
 from workers.app import celery_config
 from workers.names import TaskName
 

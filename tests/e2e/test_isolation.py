@@ -23,10 +23,10 @@ from sqlalchemy import func, select
 
 from models.delivery import Delivery, DeliveryState
 from models.operation import Operation, OperationState
-from tests.conftest import BACKEND, E2E_SETTINGS, overridden, settings_env
 from tests.factories import make_tenant
 from tests.processes import BIN, rotator_env, start, start_beat, stop
 from tests.receivers import scripted_receiver, serving
+from tests.support import BACKEND, E2E_SETTINGS, overridden, settings_env
 
 pytestmark = [
     pytest.mark.e2e,

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from models import clock, heartbeat
 from models.org import ALL_SCOPES
 from rotator import metrics
-from tests.conftest import overridden
+from tests.support import overridden
 
 
 def _samples(client) -> dict:

@@ -31,8 +31,8 @@ from models.org import issue_key
 from models.policy import RotationPolicy, create_policy, run_due, update_policy
 from receiver import DemoReceiver, serve
 from rotator.logs import JsonFormatter
-from tests.conftest import overridden
 from tests.factories import make_tenant
+from tests.support import overridden
 from workers.deliveries import attempt
 from workers.operations import advance
 

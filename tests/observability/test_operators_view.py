@@ -23,9 +23,9 @@ from sqlalchemy import select
 
 from models.org_secret import OrgSecret
 from rotator.logs import ContextFilter, JsonFormatter
-from tests.conftest import BACKEND
 from tests.factories import Tenant, make_tenant
 from tests.receivers import loopback_demo_receiver
+from tests.support import BACKEND
 
 pytestmark = pytest.mark.e2e
 

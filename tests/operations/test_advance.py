@@ -29,9 +29,9 @@ from models.operation import Operation, OperationKind, OperationState, Operation
 from models.org import ALL_SCOPES
 from receiver import BadSignature, verify
 from schedules.ticks import reconcile_operations
-from tests.conftest import overridden
 from tests.factories import Tenant, make_tenant
 from tests.receivers import Received, ScriptedReceiver, scripted_receiver
+from tests.support import overridden
 from workers.operations import advance
 from workers.sending import sender_for
 

@@ -33,8 +33,8 @@ from models.errors import Conflict
 from models.operation import TERMINAL_STATES, Operation, OperationState, Step, StepState
 from models.org import ALL_SCOPES, create_org
 from receiver import DemoReceiver
-from tests.conftest import overridden
 from tests.receivers import loopback_demo_receiver
+from tests.support import overridden
 from workers.deliveries import attempt
 from workers.operations import advance
 from workers.sending import sender_for

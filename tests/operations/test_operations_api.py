@@ -31,10 +31,10 @@ from tests.api.helpers import (
     parse_time,
     raw_rows,
 )
-from tests.conftest import overridden
 from tests.contract import OPERATION_FIELDS, STEP_FIELDS
 from tests.factories import Tenant, add_key, make_tenant
 from tests.receivers import scripted_receiver
+from tests.support import overridden
 from workers.operations import advance
 
 MISSING_ID = "0190a1b2-0000-7000-8000-000000000000"

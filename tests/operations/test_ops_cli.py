@@ -13,8 +13,8 @@ from models.org import ALL_SCOPES
 from receiver import DemoReceiver, serve
 from rotator.cli import main
 from rotator.opsview import watch
-from tests.conftest import overridden
 from tests.factories import make_tenant
+from tests.support import overridden
 from workers.operations import advance
 
 

@@ -24,9 +24,9 @@ from models.operation import Operation, OperationKind, OperationState, Trigger
 from models.org import ALL_SCOPES
 from models.policy import create_policy, run_due
 from tests.api.helpers import assert_error
-from tests.conftest import overridden
 from tests.factories import Tenant, make_tenant
 from tests.receivers import ScriptedReceiver, scripted_receiver
+from tests.support import overridden
 from workers.operations import advance
 
 

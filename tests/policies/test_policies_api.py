@@ -10,8 +10,8 @@ import pytest
 
 from models import clock
 from tests.api.helpers import assert_error, assert_request_id, assert_validation, create, parse_time
-from tests.conftest import overridden
 from tests.factories import Tenant, add_key, make_tenant
+from tests.support import overridden
 
 POLICY_FIELDS = {
     "id",

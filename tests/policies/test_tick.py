@@ -30,8 +30,8 @@ from models.org import ALL_SCOPES
 from models.org_secret import OrgSecret, SecretState
 from models.policy import RotationPolicy, Run, run_due
 from receiver import DemoReceiver, serve
-from tests.conftest import overridden
 from tests.factories import Tenant, make_tenant
+from tests.support import overridden
 from workers.operations import advance
 
 HOUR = timedelta(hours=1)
