@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from playwright.sync_api import (
 
 from receiver import DemoReceiver
 from tests.factories import make_tenant
-from tests.live import serve_api
 
 E2E_OVERRIDES = {"migrate_backoff_initial_seconds": 0.2, "migrate_backoff_max_seconds": 0.5}
 
@@ -113,18 +111,10 @@ def test_ops_page_has_no_inline_code_and_keeps_the_key_out_of_persistent_storage
 
 
 @pytest.fixture(scope="module")
-def live_api(workers) -> Iterator[str]:
-    """The API over real HTTP, for the browser: uvicorn on a thread of this test process.
-
-    One way for both passes. In the embedded pass Celery's in-memory broker exists only inside
-    this process, so the API must run here too, or the migrations it starts would never reach
-    the ``workers`` fixture's worker thread; in the real pass the database and Redis are shared
-    by every process, and the thread works just as well. Running in-process also shares the
-    live settings object ``workers`` has overridden (loopback receiver URLs allowed, short
-    migrate backoff), which a ``rotator api`` subprocess would have to be handed one by one.
-    """
-    with serve_api("ops-page-api") as url:
-        yield url
+def live_api(workers: object, api_url: str) -> str:
+    """The API over real HTTP for the browser, with workers behind it: ``rotator api`` in the
+    real pass, a uvicorn thread of this process in the embedded one (tests/e2e/conftest.py)."""
+    return api_url
 
 
 def _chromium() -> str:

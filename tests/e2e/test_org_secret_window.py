@@ -32,7 +32,9 @@ def _states(database, org_id):
     return [(row.state, row.expired_by, row.expiry_lag_seconds) for row in rows]
 
 
-def test_window_closes_on_time_and_the_row_is_tidied(client, database, workers, caplog):
+def test_window_closes_on_time_and_the_row_is_tidied(local_client, database, workers, caplog):
+    # In this process: the test reads the task messages the API publishes, and its log records.
+    client = local_client
     published: list[str] = []
 
     def capture(body=None, headers=None, **_):
