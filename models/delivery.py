@@ -10,6 +10,7 @@ reconciler tick, never a delivery.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -25,9 +26,11 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    Select,
     String,
     Table,
     Text,
+    bindparam,
     case,
     func,
     insert,
@@ -37,6 +40,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
+from sqlalchemy.sql.elements import BindParameter
 
 from models import circuit, clock, org_secret
 from models.base import Base, IdMixin, UTCDateTime
@@ -414,6 +418,63 @@ def _endpoint_takes() -> Any:
     )
 
 
+@dataclass(frozen=True)
+class _ClaimStatements:
+    claim: Any
+    abandon: Any
+    endpoints: Any
+    events: Any
+
+
+@functools.cache
+def _claim_statements() -> _ClaimStatements:
+    """``claim_many``'s statements, built once: the data plane runs them for every batch, and
+    building and hashing them each time cost more CPU than sending them."""
+    ids: BindParameter[uuid.UUID] = bindparam("ids", expanding=True)
+    now = bindparam("now", type_=UTCDateTime())
+    lease = bindparam("lease", type_=UTCDateTime())
+    return _ClaimStatements(
+        claim=update(Delivery)
+        .where(
+            Delivery.id.in_(ids),
+            Delivery.state == DeliveryState.PENDING,
+            or_(
+                Delivery.next_attempt_at.is_(None),
+                Delivery.next_attempt_at <= bindparam("due_by", type_=UTCDateTime()),
+            ),
+            _endpoint_takes(),
+        )
+        .values(
+            attempts=Delivery.attempts + 1,
+            next_attempt_at=lease,
+            leased_until=lease,
+            updated_at=now,
+        )
+        .returning(
+            Delivery.id,
+            Delivery.org_id,
+            Delivery.endpoint_id,
+            Delivery.event_id,
+            Delivery.kind,
+            Delivery.attempts,
+        )
+        .execution_options(synchronize_session=False),
+        abandon=update(Delivery)
+        .where(Delivery.id.in_(ids), Delivery.state == DeliveryState.PENDING, ~_endpoint_takes())
+        .values(
+            state=DeliveryState.ABANDONED, next_attempt_at=None, leased_until=None, updated_at=now
+        )
+        .execution_options(synchronize_session=False),
+        endpoints=select(
+            WebhookEndpoint.id,
+            WebhookEndpoint.url,
+            WebhookEndpoint.api_version,
+            WebhookEndpoint.secret_ciphertext,
+        ).where(WebhookEndpoint.id.in_(ids)),
+        events=select(Event).where(Event.id.in_(ids)),
+    )
+
+
 def claim_many(
     session: Session,
     delivery_ids: Iterable[uuid.UUID],
@@ -448,66 +509,25 @@ def claim_many(
                 )
             )
         )
+    statements = _claim_statements()
     claimed = session.execute(
-        update(Delivery)
-        .where(
-            Delivery.id.in_(ids),
-            Delivery.state == DeliveryState.PENDING,
-            or_(
-                Delivery.next_attempt_at.is_(None),
-                Delivery.next_attempt_at <= now + timedelta(seconds=1),
-            ),
-            _endpoint_takes(),
-        )
-        .values(
-            attempts=Delivery.attempts + 1,
-            next_attempt_at=lease,
-            leased_until=lease,
-            updated_at=now,
-        )
-        .returning(
-            Delivery.id,
-            Delivery.org_id,
-            Delivery.endpoint_id,
-            Delivery.event_id,
-            Delivery.kind,
-            Delivery.attempts,
-        )
-        .execution_options(synchronize_session=False)
+        statements.claim,
+        {"ids": ids, "due_by": now + timedelta(seconds=1), "lease": lease, "now": now},
     ).all()
     if len(claimed) < len(ids):
-        session.execute(
-            update(Delivery)
-            .where(
-                Delivery.id.in_(ids),
-                Delivery.state == DeliveryState.PENDING,
-                ~_endpoint_takes(),
-            )
-            .values(
-                state=DeliveryState.ABANDONED,
-                next_attempt_at=None,
-                leased_until=None,
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        )
+        session.execute(statements.abandon, {"ids": ids, "now": now})
     if not claimed:
         return []
     endpoints = {
         row.id: row
         for row in session.execute(
-            select(
-                WebhookEndpoint.id,
-                WebhookEndpoint.url,
-                WebhookEndpoint.api_version,
-                WebhookEndpoint.secret_ciphertext,
-            ).where(WebhookEndpoint.id.in_({row.endpoint_id for row in claimed}))
+            statements.endpoints, {"ids": list({row.endpoint_id for row in claimed})}
         )
     }
     events = {
         event.id: event
         for event in session.scalars(
-            select(Event).where(Event.id.in_({row.event_id for row in claimed}))
+            statements.events, {"ids": list({row.event_id for row in claimed})}
         )
     }
     org_keys = {org: org_secret.signing_keys(session, org) for org in {r.org_id for r in claimed}}
@@ -591,7 +611,30 @@ def claim_due(session: Session, limit: int) -> list[AttemptPlan]:
     settings = settings_of(session)
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CLAIM_LOCK})
-    now = clock.now()
+    chosen = session.execute(
+        _due_statement(),
+        {
+            "now": clock.now(),
+            "endpoint_cap": settings.endpoint_max_in_flight,
+            "org_cap": settings.org_max_in_flight,
+            "limit": limit,
+        },
+    ).all()
+    return claim_many(
+        session, [row.id for row in chosen], lost={row.id for row in chosen if row.lost}
+    )
+
+
+# Serialises the data plane's claims on PostgreSQL (an arbitrary constant of Rotator's own).
+_CLAIM_LOCK = 0x526F7461
+
+
+@functools.cache
+def _due_statement() -> Select[tuple[uuid.UUID, bool]]:
+    """``claim_due``'s ranking query, built once: the dispatcher runs it for every batch it
+    claims, and building and hashing a statement this size each time costs more CPU than
+    running it. Parameters: ``now``, ``endpoint_cap``, ``org_cap``, ``limit``."""
+    now = bindparam("now", type_=UTCDateTime())
     in_flight = (Delivery.state == DeliveryState.PENDING, Delivery.leased_until > now)
     endpoint_busy = (
         select(Delivery.endpoint_id, func.count().label("n"))
@@ -606,7 +649,8 @@ def claim_due(session: Session, limit: int) -> list[AttemptPlan]:
         .subquery()
     )
     endpoint_cap = case(
-        (EndpointCircuit.open_until.is_not(None), 1), else_=settings.endpoint_max_in_flight
+        (EndpointCircuit.open_until.is_not(None), 1),
+        else_=bindparam("endpoint_cap", type_=Integer()),
     )
     due = (
         select(
@@ -658,19 +702,12 @@ def claim_due(session: Session, limit: int) -> list[AttemptPlan]:
         .join(org_busy, org_busy.c.org_id == within_endpoint.c.org_id, isouter=True)
         .subquery()
     )
-    chosen = session.execute(
+    return (
         select(ranked.c.id, ranked.c.lost)
-        .where(ranked.c.org_slot <= settings.org_max_in_flight)
+        .where(ranked.c.org_slot <= bindparam("org_cap", type_=Integer()))
         .order_by(ranked.c.org_slot, ranked.c.next_attempt_at, ranked.c.id)
-        .limit(limit)
-    ).all()
-    return claim_many(
-        session, [row.id for row in chosen], lost={row.id for row in chosen if row.lost}
+        .limit(bindparam("limit", type_=Integer()))
     )
-
-
-# Serialises the data plane's claims on PostgreSQL (an arbitrary constant of Rotator's own).
-_CLAIM_LOCK = 0x526F7461
 
 
 def next_due_in(session: Session, *, longest: float) -> float:
@@ -853,13 +890,30 @@ def _move(
 ) -> set[uuid.UUID]:
     """Set the state and next attempt of those deliveries that are still pending; their ids."""
     moved = session.scalars(
+        _move_statement(),
+        {"ids": list(delivery_ids), "state": state, "next_at": next_at, "now": now},
+    )
+    return set(moved)
+
+
+@functools.cache
+def _move_statement() -> Any:
+    """``_move``'s statement, built once (it runs for every batch recorded)."""
+    return (
         update(Delivery)
-        .where(Delivery.id.in_(delivery_ids), Delivery.state == DeliveryState.PENDING)
-        .values(state=state, next_attempt_at=next_at, leased_until=None, updated_at=now)
+        .where(
+            Delivery.id.in_(bindparam("ids", expanding=True)),
+            Delivery.state == DeliveryState.PENDING,
+        )
+        .values(
+            state=bindparam("state", type_=Delivery.__table__.c.state.type),
+            next_attempt_at=bindparam("next_at", type_=UTCDateTime()),
+            leased_until=None,
+            updated_at=bindparam("now", type_=UTCDateTime()),
+        )
         .returning(Delivery.id)
         .execution_options(synchronize_session=False)
     )
-    return set(moved)
 
 
 def record(session: Session, plan: AttemptPlan, result: AttemptResult) -> Recorded:

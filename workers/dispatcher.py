@@ -115,13 +115,16 @@ class Dispatcher:
     def _dispatch(self) -> None:
         low_water = max(1, self.slots // 4)
         backlog = False  # the last claim filled every free slot: more work is waiting
+        capped = False  # work was due that the last claim left to requests still in flight
         while True:
             with self._changed:
                 while self._free == 0 and not self._stopping:
                     self._changed.wait()
-                if backlog and not self._stopping:
+                if (backlog or capped) and not self._stopping:
+                    # Claim per batch of finished requests, not per request: wait a moment for
+                    # more slots (or, under a cap, more of the capped requests) to free up.
                     deadline = time.monotonic() + CLAIM_GATHER_S
-                    while self._free < low_water and not self._stopping:
+                    while not self._stopping and not (backlog and self._free >= low_water):
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
@@ -134,15 +137,15 @@ class Dispatcher:
                 with self.db.session() as session:
                     plans = deliveries.claim_due(session, free)
                     backlog = len(plans) == free
-                    idle_for = (
-                        0.0
-                        if backlog
-                        # Due now yet not claimed: held back by a cap, until a slot frees.
-                        else deliveries.next_due_in(session, longest=IDLE_POLL_S) or CAPPED_POLL_S
+                    due_in = (
+                        0.0 if backlog else deliveries.next_due_in(session, longest=IDLE_POLL_S)
                     )
             except Exception:
                 log.exception("claiming deliveries failed")
-                plans, idle_for, backlog = [], ERROR_PAUSE_S, False
+                plans, due_in, backlog = [], ERROR_PAUSE_S, False
+            # Due now yet not claimed: held back by a cap until a request in flight ends.
+            capped = not backlog and due_in == 0
+            idle_for = CAPPED_POLL_S if capped else due_in
             if plans:
                 with self._changed:
                     self._free -= len(plans)
