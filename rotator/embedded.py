@@ -42,8 +42,8 @@ def background_services(settings: Settings, *, concurrency: int = 4) -> Iterator
     from workers import dispatcher
     from workers.app import app
 
-    app.conf.beat_schedule = beat_schedule(settings)
     app.loader.import_default_modules()
+    app.conf.beat_schedule = beat_schedule(settings)
     worker = _Worker(
         app=app,
         pool="threads",

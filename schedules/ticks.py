@@ -17,12 +17,20 @@ from models import delivery as deliveries
 from models import heartbeat, org_secret, policy, retention
 from models import operation as operations
 from models.db import get_database
+from rotator.settings import get_settings
+from schedules.beat import beat_schedule
 from workers.app import app
 from workers.deliveries import enqueue as enqueue_deliveries
 from workers.enqueue import send_after_commit
 from workers.names import TaskName
 
 log = logging.getLogger("rotator.schedules")
+
+# The schedule these ticks run on. Beat, like a worker, imports the app's task modules (this one
+# among them) before it builds its scheduler, so the schedule is in place however beat starts:
+# `rotator beat`, `celery -A workers beat` or `rotator dev`. The workers package never imports
+# schedules: schedules build on workers, not the other way round.
+app.conf.beat_schedule = beat_schedule(get_settings())
 
 
 def _resend_overdue(

@@ -9,6 +9,9 @@ from workers.app import (
 )
 from workers.names import TaskName
 
+# The beat schedule is installed by this task module, which beat imports before it schedules.
+app.loader.import_default_modules()
+
 
 def test_reliability_settings():
     conf = app.conf

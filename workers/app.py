@@ -13,7 +13,6 @@ from kombu import Queue
 
 from rotator import logs
 from rotator.settings import Settings, get_settings
-from schedules.beat import beat_schedule
 from workers.names import TaskName
 
 # Task modules the worker imports at start-up (by name, so importing this module stays cheap).
@@ -69,7 +68,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_queues": (Queue(CONTROL_QUEUE), Queue(DELIVERY_QUEUE)),
         "task_default_queue": CONTROL_QUEUE,
         "task_routes": TASK_ROUTES,
-        "beat_schedule": beat_schedule(settings),
+        # The beat schedule is installed by schedules.ticks, one of TASK_MODULES: beat imports
+        # them before it builds its scheduler (docs/architecture.md, "Celery settings that
+        # matter").
     }
 
 
