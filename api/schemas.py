@@ -16,6 +16,8 @@ from fastapi import Header, Query
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
+from models.bulk import CONCURRENCY_DEFAULT, CONCURRENCY_MAX, CONCURRENCY_MIN
+from models.bulk import MAX_NAMED as BULK_MAX_ENDPOINTS
 from models.clock import rfc3339
 from models.delivery import DeliveryAttempt, Outcome
 from models.endpoint import (
@@ -328,6 +330,39 @@ class MigrateRequest(_Strict):
     deadline_seconds: DeadlineSeconds = Field(default=900, description="60-86400")
 
 
+class BulkMigrateRequest(_Strict):
+    """All optional: by default every active endpoint of the organization is migrated."""
+
+    endpoint_ids: (
+        Annotated[
+            list[uuid.UUID], stated(minItems=1, maxItems=BULK_MAX_ENDPOINTS, uniqueItems=True)
+        ]
+        | None
+    ) = Field(default=None, description="default: every active endpoint")
+    events: EventTypes | None = Field(
+        default=None, description="keep only endpoints subscribed to one of these"
+    )
+    max_concurrency: Annotated[
+        Integer, stated(minimum=CONCURRENCY_MIN, maximum=CONCURRENCY_MAX)
+    ] = Field(default=CONCURRENCY_DEFAULT, description="children active at once, 1-50")
+    deadline_seconds: DeadlineSeconds = Field(
+        default=900, description="per child, from when it starts; 60-86400"
+    )
+    handoff: HandoffName = Field(default="none", description="in_band: secrets sent in band")
+    dry_run: bool = Field(default=False, description="show the selection, start nothing")
+
+
+class ChildSecret(BaseModel):
+    source_endpoint_id: str
+    secret: str
+
+
+class BulkSelection(BaseModel):
+    success: bool = True
+    dry_run: bool = True
+    endpoint_ids: list[str]
+
+
 class OperationError(BaseModel):
     code: str
     message: str
@@ -343,6 +378,17 @@ class OperationStepOut(BaseModel):
     last_error: str | None
 
 
+class ChildrenCounts(BaseModel):
+    total: int
+    pending: int
+    running: int
+    awaiting_receiver: int
+    succeeded: int
+    rolled_back: int
+    failed: int
+    canceled: int
+
+
 class OperationOut(BaseModel):
     id: str
     org_id: str
@@ -352,8 +398,14 @@ class OperationOut(BaseModel):
     policy_id: str | None
     source_endpoint_id: str | None
     new_endpoint_id: str | None
+    parent_id: str | None = Field(description="the bulk migrate this is a child of")
+    children: ChildrenCounts | None = Field(
+        default=None, description="a bulk migrate's children: in all and by state"
+    )
     steps: list[OperationStepOut]
-    deadline_at: str
+    deadline_at: str | None = Field(
+        description="null for a bulk migrate, and for its children until they start"
+    )
     error: OperationError | None
     created_at: str
     updated_at: str
@@ -363,6 +415,13 @@ class OperationOut(BaseModel):
 class OperationWithSecret(OperationOut):
     secret: str = Field(description="the new endpoint's secret; shown once")
     secret_displayed_once: bool = True
+
+
+class BulkStartedOut(OperationOut):
+    secrets: list[ChildSecret] = Field(
+        description="each child's new secret, shown once; empty with in_band handoff"
+    )
+    secrets_displayed_once: bool = True
 
 
 class OperationList(BaseModel):
@@ -382,7 +441,11 @@ def _time(value: datetime | None) -> str | None:
     return rfc3339(value) if value is not None else None
 
 
-def operation_json(operation: Operation) -> dict[str, Any]:
+def operation_json(operation: Operation, children: dict[str, int] | None = None) -> dict[str, Any]:
+    """The Operation object; ``children``: a bulk migrate's counts (models.bulk)."""
+    extra: dict[str, Any] = {}
+    if operation.kind == OperationKind.BULK_MIGRATE:
+        extra["children"] = children or {"total": 0, **dict.fromkeys(_values(OperationState), 0)}
     return {
         "id": str(operation.id),
         "org_id": str(operation.org_id),
@@ -392,6 +455,8 @@ def operation_json(operation: Operation) -> dict[str, Any]:
         "policy_id": _str(operation.policy_id),
         "source_endpoint_id": _str(operation.source_endpoint_id),
         "new_endpoint_id": _str(operation.new_endpoint_id),
+        "parent_id": _str(operation.parent_id),
+        **extra,
         "steps": [
             {
                 "name": step.name,
@@ -404,7 +469,7 @@ def operation_json(operation: Operation) -> dict[str, Any]:
             }
             for step in operation.steps
         ],
-        "deadline_at": rfc3339(operation.deadline_at),
+        "deadline_at": _time(operation.deadline_at),
         "error": {"code": operation.error_code, "message": operation.error_message or ""}
         if operation.error_code
         else None,

@@ -34,6 +34,7 @@ from sqlalchemy import (
     UniqueConstraint,
     bindparam,
     event,
+    func,
     select,
     text,
     update,
@@ -67,6 +68,7 @@ class OperationKind(StrEnum):
     SAFE_MIGRATE = "safe_migrate"
     SCHEDULED_ROTATION = "scheduled_rotation"
     ORG_SECRET_ROTATION = "org_secret_rotation"  # noqa: S105 - a kind, not a secret
+    BULK_MIGRATE = "bulk_migrate"
 
 
 class OperationState(StrEnum):
@@ -144,6 +146,8 @@ class Operation(IdMixin, Base):
             sqlite_where=text("finished_at IS NULL"),
         ),
         Index("ix_operations_kind_state", "kind", "state"),  # /metrics counts by these
+        # A bulk migrate's children, in the order they start (models/bulk.py).
+        Index("ix_operations_parent", "parent_id", "created_at", "id"),
         # The few operations still holding a secret, found when what they rotated changes.
         Index(
             "ix_operations_kept_secrets",
@@ -170,7 +174,12 @@ class Operation(IdMixin, Base):
     handoff_delivery_id: Mapped[uuid.UUID | None] = mapped_column()
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     wait_seconds: Mapped[float] = mapped_column(Float, default=0.0)
-    deadline_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # None for a bulk migrate, and for its children until they start.
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The bulk migrate this operation is a child of.
+    parent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("operations.id"))
+    # None while a child waits for room under its parent's max_concurrency.
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     next_advance_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(String(500))
@@ -249,11 +258,15 @@ def start_migration(
     handoff: str = "none",
     reveal: bool = True,
     scheduled_for: datetime | None = None,
+    parent_id: uuid.UUID | None = None,
+    start: bool = True,
 ) -> Started:
     """Start a safe migrate of ``source_id``: mint the new secret now, let the workers do the rest.
 
     The new endpoint copies the source's url, events and description unless given. A second
-    migrate of an endpoint whose operation has not finished is a 409 CONFLICT.
+    migrate of an endpoint whose operation has not finished is a 409 CONFLICT. A bulk
+    migrate's child (``parent_id``) may wait for room (``start=False``): its deadline then
+    starts when its parent starts it (models/bulk.py).
     """
     source = get_endpoint(session, org_id, source_id, for_update=True)
     deadline = DEADLINE_DEFAULT_S if deadline_seconds is None else deadline_seconds
@@ -261,6 +274,7 @@ def start_migration(
         "url": source.url if url is None else url,
         "events": list(source.events if events is None else events),
         "description": source.description if description is None else description,
+        "deadline_seconds": deadline,
     }
     problems = {
         "url": check_url(session, params["url"]),
@@ -285,13 +299,15 @@ def start_migration(
         policy_id=policy_id,
         scheduled_for=scheduled_for,
         source_endpoint_id=source.id,
+        parent_id=parent_id,
         params=params,
         handoff=handoff,
         secret_revealed=reveal,
         cancel_requested=False,
         wait_seconds=0.0,
-        deadline_at=now + timedelta(seconds=deadline),
-        next_advance_at=now,
+        deadline_at=now + timedelta(seconds=deadline) if start else None,
+        started_at=now if start else None,
+        next_advance_at=now if start else None,
         created_at=now,
         updated_at=now,
     )
@@ -309,7 +325,7 @@ def start_migration(
         session.flush()
     except IntegrityError:  # a concurrent migrate of the same endpoint won the race
         raise _busy(f"{source.id} is the source endpoint of another unfinished operation") from None
-    _count_started(session, kind)
+    count_started(session, kind)
     return Started(operation=operation, secret=secret if reveal else None)
 
 
@@ -345,6 +361,7 @@ def start_rotation(
         cancel_requested=False,
         wait_seconds=0.0,
         deadline_at=now + timedelta(seconds=DEADLINE_DEFAULT_S),
+        started_at=now,
         next_advance_at=now,
         created_at=now,
         updated_at=now,
@@ -352,14 +369,27 @@ def start_rotation(
     )
     session.add(operation)
     session.flush()
-    _count_started(session, operation.kind)
+    count_started(session, operation.kind)
     return operation
 
 
-def _count_started(session: Session, kind: str) -> None:
+def count_started(session: Session, kind: str) -> None:
     """``rotator_operations_started_total``, once the start has committed (rotator/metrics.py)."""
     settings = settings_of(session)
     after_commit(session, lambda: metrics.count_operation_started(settings, kind))
+
+
+def count_ended(session: Session, kind: str, state: str) -> None:
+    """``rotator_operations_ended_total`` for an operation no worker step ends (a bulk
+    migrate, a child canceled before it started), once that has committed."""
+    settings = settings_of(session)
+    after_commit(session, lambda: metrics.count_operation_ended(settings, kind, state))
+
+
+def end_unstarted(session: Session, operation: Operation, now: datetime) -> None:
+    """Cancel a bulk migrate's child that never started: nothing was created, nothing to undo."""
+    _roll_back(session, operation, OperationState.CANCELED, now, None, None)
+    count_ended(session, operation.kind, operation.state)
 
 
 def active_for_endpoint(
@@ -434,7 +464,10 @@ def list_operations(
     endpoint_id: uuid.UUID | None,
     limit: int,
     cursor: str | None,
+    parent_id: uuid.UUID | None = None,
 ) -> Page[Operation]:
+    """Top-level operations, or one bulk migrate's children (``parent_id``); with
+    ``endpoint_id``, every operation that uses the endpoint, children included."""
     problems = {}
     if state is not None and state not in {s.value for s in OperationState}:
         problems["state"] = "unknown state"
@@ -443,6 +476,10 @@ def list_operations(
     if problems:
         raise ValidationFailed(problems)
     query = select(Operation).where(Operation.org_id == org_id)
+    if parent_id is not None:
+        query = query.where(Operation.parent_id == parent_id)
+    elif endpoint_id is None:
+        query = query.where(Operation.parent_id.is_(None))
     if state:
         query = query.where(Operation.state == state)
     if kind:
@@ -601,6 +638,7 @@ class Advance:
     finished_steps: tuple[FinishedStep, ...] = ()
     current_step: str | None = None
     ended_state: str | None = None  # set when this transition ended the operation
+    parent_id: uuid.UUID | None = None  # the bulk migrate to tell when this child ends
     recorded: deliveries.DeliveryAttempt | None = None  # the probe attempt ``finish_probe`` logged
 
 
@@ -627,6 +665,7 @@ def _reported(operation: Operation, before: dict[uuid.UUID, str], advance: Advan
         finished_steps=finished,
         current_step=current.name if current is not None else None,
         ended_state=operation.state if operation.finished else None,
+        parent_id=operation.parent_id,
     )
 
 
@@ -693,6 +732,11 @@ def begin_advance(session: Session, operation_id: uuid.UUID) -> Advance:
 
 def _begin(session: Session, operation: Operation) -> Advance:
     now = clock.now()
+    if operation.started_at is None:
+        return NOTHING  # a bulk migrate's child waiting for room: its parent starts it
+    if _parent_canceled(session, operation):
+        # The bulk migrate was canceled: the cancel wakes each started child, early or not.
+        return _roll_back(session, operation, OperationState.CANCELED, now, None, None)
     if operation.next_advance_at is not None and operation.next_advance_at > now + timedelta(
         seconds=1
     ):
@@ -702,7 +746,11 @@ def _begin(session: Session, operation: Operation) -> Advance:
         return _finish(operation, OperationState.SUCCEEDED, now)
     if operation.cancel_requested:  # the old endpoint is still live: roll back
         return _roll_back(session, operation, OperationState.CANCELED, now, None, None)
-    if now >= operation.deadline_at and step.name != Step.DELETE_OLD_ENDPOINT:
+    if (
+        operation.deadline_at is not None
+        and now >= operation.deadline_at
+        and step.name != Step.DELETE_OLD_ENDPOINT
+    ):
         return _roll_back(
             session,
             operation,
@@ -784,7 +832,8 @@ def _create_endpoint(
                 events=params["events"],
                 description=params["description"],
                 secret=new_secret_of(session, operation),
-                over_limit_by=1,
+                # Each unfinished migration's pair counts as one endpoint (docs/api.md, Limits).
+                over_limit_by=1 + _pairs_in_flight(session, operation),
             )
         except (ValidationFailed, NotFound, LimitExceeded) as exc:
             _begin_step(step, now)
@@ -793,6 +842,34 @@ def _create_endpoint(
     _begin_step(step, now)
     _succeed_step(step, now)
     return _advance_now(operation, now)
+
+
+def _pairs_in_flight(session: Session, operation: Operation) -> int:
+    """Other unfinished migrations of the organization whose new endpoint exists."""
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Operation)
+            .where(
+                Operation.org_id == operation.org_id,
+                Operation.finished_at.is_(None),
+                Operation.new_endpoint_id.is_not(None),
+                Operation.id != operation.id,
+            )
+        )
+        or 0
+    )
+
+
+def _parent_canceled(session: Session, operation: Operation) -> bool:
+    """A bulk migrate's cancel reaches each child that has started at its next step."""
+    if operation.parent_id is None:
+        return False
+    return bool(
+        session.scalar(
+            select(Operation.cancel_requested).where(Operation.id == operation.parent_id)
+        )
+    )
 
 
 def _start_probe(
@@ -913,7 +990,9 @@ def _finish_probe(
         else min(operation.wait_seconds * 2, settings.migrate_backoff_max_seconds)
     )
     operation.wait_seconds = wait
-    next_at = min(now + timedelta(seconds=wait), operation.deadline_at)
+    next_at = now + timedelta(seconds=wait)
+    if operation.deadline_at is not None:
+        next_at = min(next_at, operation.deadline_at)
     step.next_attempt_at = next_at
     operation.next_advance_at = next_at
     operation.state = OperationState.AWAITING_RECEIVER

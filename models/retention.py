@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Index, Select, Table, delete, exists, select, union_all
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from models import clock, idempotency
 from models.db import Database
@@ -181,16 +181,19 @@ def prune_events(session: Session, before: datetime, limit: int = BATCH_SIZE) ->
 def prune_operations(
     session: Session, before: datetime, limit: int = OPERATIONS_PER_BATCH
 ) -> tuple[int, int]:
-    """(operations, steps) deleted: finished before ``before``, not a live policy's last."""
+    """(operations, steps) deleted: finished before ``before``, not a live policy's last, and
+    not a bulk migrate whose children are still kept (they go first)."""
     last_of_a_policy = exists().where(
         RotationPolicy.last_operation_id == Operation.id, RotationPolicy.deleted_at.is_(None)
     )
+    child = aliased(Operation)
+    has_children = exists().where(child.parent_id == Operation.id)
     ids: list[uuid.UUID] = list(
         session.scalars(
             _locked(
                 session,
                 select(Operation.id)
-                .where(Operation.finished_at < before, ~last_of_a_policy)
+                .where(Operation.finished_at < before, ~last_of_a_policy, ~has_children)
                 .limit(limit),
             )
         )

@@ -7,6 +7,7 @@ import uuid
 
 from sqlalchemy.orm import Session
 
+from models import bulk
 from models import operation as operations
 from models.db import Database, get_database
 from rotator import logs, metrics
@@ -29,6 +30,7 @@ def advance(db: Database, operation_id: uuid.UUID) -> None:
         with db.session() as session:
             step = operations.begin_advance(session, operation_id)
             _schedule(session, operation_id, step)
+            _tell_parent(session, step)
         _report(db, step, "probe_sent" if step.probe_delivery_id is not None else None)
         if step.probe_delivery_id is None:
             return
@@ -41,6 +43,7 @@ def advance(db: Database, operation_id: uuid.UUID) -> None:
         with db.session() as session:
             after = operations.finish_probe(session, operation_id, sent)
             _schedule(session, operation_id, after)
+            _tell_parent(session, after)
         if after.recorded is not None:
             report_attempt(db, after.recorded)
         _report(db, after, "waiting" if after.again_in is not None else None)
@@ -51,6 +54,14 @@ def _schedule(session: Session, operation_id: uuid.UUID, step: operations.Advanc
         send_after_commit(
             session, TaskName.OPERATION_ADVANCE, operation_id, countdown=step.again_in
         )
+
+
+def _tell_parent(session: Session, step: operations.Advance) -> None:
+    """A bulk migrate's child that ended in this unit of work makes room for the next ones,
+    started in the same unit of work (docs/architecture.md, "Bulk migrate")."""
+    if step.ended_state is not None and step.parent_id is not None:
+        for child_id in bulk.child_ended(session, step.parent_id):
+            send_after_commit(session, TaskName.OPERATION_ADVANCE, child_id)
 
 
 def _report(db: Database, done: operations.Advance, outcome: str | None) -> None:

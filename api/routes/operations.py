@@ -16,6 +16,9 @@ from api import isolation
 from api.deps import Caller, body_doc, read_json, require
 from api.errors import responses
 from api.schemas import (
+    BulkMigrateRequest,
+    BulkSelection,
+    BulkStartedOut,
     CursorParam,
     IdempotencyKeyHeader,
     MigrateRequest,
@@ -28,7 +31,7 @@ from api.schemas import (
     list_json,
     operation_json,
 )
-from models import idempotency
+from models import bulk, idempotency
 from models import operation as operations
 from models.endpoint import get_endpoint
 from models.errors import DomainError, NotFound
@@ -129,33 +132,146 @@ async def migrate_endpoint(
     return JSONResponse(response, status_code=202)
 
 
+def _bulk_migrate(
+    session: Session,
+    org_id: uuid.UUID,
+    body: BulkMigrateRequest,
+    key: str | None,
+    api_key_id: uuid.UUID,
+) -> tuple[int, dict[str, Any]]:
+    if body.dry_run:
+        bulk.check(
+            max_concurrency=body.max_concurrency,
+            deadline_seconds=body.deadline_seconds,
+            handoff=body.handoff,
+        )
+        chosen = bulk.select_endpoints(
+            session, org_id, endpoint_ids=body.endpoint_ids, events=body.events
+        )
+        return 200, {
+            "success": True,
+            "dry_run": True,
+            "endpoint_ids": [str(endpoint.id) for endpoint in chosen],
+        }
+    fingerprint = idempotency.request_fingerprint(
+        "bulk_migrate", body.model_dump(exclude_unset=True, mode="json")
+    )
+    if key is not None:
+        stored = idempotency.recall(session, org_id, key, fingerprint, api_key_id=api_key_id)
+        if stored is not None:
+            return 202, stored
+    started = bulk.start(
+        session,
+        org_id,
+        endpoint_ids=body.endpoint_ids,
+        events=body.events,
+        max_concurrency=body.max_concurrency,
+        deadline_seconds=body.deadline_seconds,
+        handoff=body.handoff,
+    )
+    parent = started.operation
+    response = {
+        **operation_json(parent, bulk.children_counts(session, [parent.id]).get(parent.id)),
+        "secrets": [
+            {"source_endpoint_id": str(source_id), "secret": secret}
+            for source_id, secret in started.secrets
+        ],
+        "secrets_displayed_once": True,
+    }
+    if key is not None:
+        idempotency.remember(session, org_id, key, fingerprint, response, api_key_id=api_key_id)
+    for child_id in started.started:
+        send_after_commit(session, TaskName.OPERATION_ADVANCE, child_id)
+    return 202, response
+
+
+@router.post(
+    "/v1/webhooks/migrate",
+    status_code=202,
+    response_model=BulkStartedOut,
+    responses={
+        200: {"model": BulkSelection, "description": "dry_run: the selection; nothing started"},
+        **responses(401, 403, 409, 413, 422),
+    },
+    openapi_extra=body_doc(BulkMigrateRequest, required=False),
+)
+async def bulk_migrate(
+    request: Request,
+    caller: Writer,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JSONResponse:
+    """Safe-migrate many endpoints in one operation (``bulk_migrate``): each selected endpoint
+    gets a safe-migrate child, at most ``max_concurrency`` of them active at once. The 202
+    shows every child's new secret once (none with ``handoff: in_band``)."""
+    body = await read_json(request, BulkMigrateRequest, optional=True)
+    if idempotency_key is not None:
+        idempotency.check_key(idempotency_key)
+    status, response = await caller.run(
+        _bulk_migrate, body, idempotency_key, caller.principal.key_id
+    )
+    return JSONResponse(response, status_code=status)
+
+
+def _rendered(session: Session, items: list[operations.Operation]) -> list[dict[str, Any]]:
+    """Operation objects, each bulk migrate with its children's counts."""
+    counts = bulk.children_counts(
+        session,
+        [item.id for item in items if item.kind == operations.OperationKind.BULK_MIGRATE],
+    )
+    return [operation_json(item, counts.get(item.id)) for item in items]
+
+
+def _list(
+    session: Session,
+    org_id: uuid.UUID,
+    *,
+    state: str | None,
+    kind: str | None,
+    endpoint_id: uuid.UUID | None,
+    parent_id: uuid.UUID | None,
+    limit: int,
+    cursor: str | None,
+) -> dict[str, Any]:
+    page = operations.list_operations(
+        session,
+        org_id,
+        state=state,
+        kind=kind,
+        endpoint_id=endpoint_id,
+        parent_id=parent_id,
+        limit=limit,
+        cursor=cursor,
+    )
+    return list_json(_rendered(session, page.items), limit=limit, next_cursor=page.next_cursor)
+
+
 @router.get("/v1/operations", response_model=OperationList, responses=responses(401, 403, 422))
 async def list_operations(
     caller: Reader,
     state: OperationStateParam = None,
     kind: OperationKindParam = None,
     endpoint_id: uuid.UUID | None = None,
+    parent_id: uuid.UUID | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: CursorParam = None,
 ) -> JSONResponse:
-    """Operations of the caller's organization, newest first."""
-    page = await caller.run(
-        operations.list_operations,
-        state=state,
-        kind=kind,
-        endpoint_id=endpoint_id,
-        limit=limit,
-        cursor=cursor,
-    )
+    """Top-level operations of the caller's organization, newest first; ``parent_id``: one
+    bulk migrate's children; ``endpoint_id``: every operation using it, children included."""
     return JSONResponse(
-        list_json(
-            [operation_json(item) for item in page.items], limit=limit, next_cursor=page.next_cursor
+        await caller.run(
+            _list,
+            state=state,
+            kind=kind,
+            endpoint_id=endpoint_id,
+            parent_id=parent_id,
+            limit=limit,
+            cursor=cursor,
         )
     )
 
 
 def _get(session: Session, org_id: uuid.UUID, operation_id: uuid.UUID) -> dict[str, Any]:
-    return operation_json(operations.get_operation(session, org_id, operation_id))
+    return _rendered(session, [operations.get_operation(session, org_id, operation_id)])[0]
 
 
 @router.get(
@@ -243,9 +359,10 @@ def _frame(sequence: int, operation: dict[str, Any]) -> str:
 def _cancel(
     session: Session, org_id: uuid.UUID, operation_id: uuid.UUID, scopes: frozenset[str]
 ) -> dict[str, Any]:
-    operation = operations.request_cancel(session, org_id, operation_id, scopes=scopes)
-    send_after_commit(session, TaskName.OPERATION_ADVANCE, operation.id)
-    return operation_json(operation)
+    operation, wake = bulk.cancel(session, org_id, operation_id, scopes=scopes)
+    for woken in wake:
+        send_after_commit(session, TaskName.OPERATION_ADVANCE, woken)
+    return _rendered(session, [operation])[0]
 
 
 @router.post(

@@ -189,6 +189,13 @@ def _arrange(label: str, case: Any, fuzzed: Fuzzed, number: int, *, aim: bool = 
         if label == "GET /v1/operations/{operation_id}/events":
             case.path_parameters["operation_id"] = fuzzed.ids["ended_operation_id"]
     body = case.body
+    if label == "POST /v1/webhooks/migrate" and isinstance(body, dict):
+        # A selection the schema cannot state: live endpoints of the caller's, subscribed to
+        # one of the filter's types (else 422, the selection is empty).
+        if body.get("endpoint_ids") is not None:
+            body["endpoint_ids"] = [fuzzed.ids["endpoint_id"]]
+        if body.get("events") is not None:
+            body["events"] = ["brand.vetted"]
     if label == "POST /v1/rotation-policies" and isinstance(body, dict):
         if body.get("target") == "org_secret":
             body.pop("endpoint_id", None)

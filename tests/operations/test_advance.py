@@ -411,6 +411,7 @@ def test_deadline_while_waiting_rolls_back(database, tenant, refusing):
     advance(database, op_id)
     operation = load(database, op_id)
     deadline = operation.deadline_at
+    assert deadline is not None
     assert operation.state == OperationState.AWAITING_RECEIVER
 
     to(deadline - timedelta(seconds=2))  # still inside the deadline: probe again, refused

@@ -194,6 +194,7 @@ def _drive_to_the_end(run: Run, receiver: DemoReceiver) -> Operation:
             return run.load()
         clock.travel(timedelta(seconds=BACKOFF["migrate_backoff_max_seconds"] + 1))
     operation = run.load()
+    assert operation.deadline_at is not None
     # Past the deadline and past any lease a crashed probe left: the next advance must end it.
     due = max(operation.deadline_at, operation.next_advance_at or operation.deadline_at)
     clock.travel(due - clock.now() + timedelta(seconds=2))

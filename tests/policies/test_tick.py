@@ -152,6 +152,7 @@ def test_a_due_safe_migrate_policy_starts_one_scheduled_rotation(database, tenan
     assert [step.name for step in operation.steps] == MIGRATE_STEPS
     # Scheduled migrations get the scheduled deadline, not the API's default.
     deadline = timedelta(seconds=database.settings.scheduled_migrate_deadline_seconds)
+    assert operation.deadline_at is not None
     assert operation.deadline_at - operation.created_at == deadline
 
     after = load_policy(database, policy.id)
