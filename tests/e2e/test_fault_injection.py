@@ -28,9 +28,9 @@ from typing import Any, TypeVar
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, func, select, text
 
-from models import clock
+from models import bulk, clock
 from models import operation as operations
 from models.db import Database
 from models.endpoint import WebhookEndpoint, create_endpoint
@@ -731,3 +731,105 @@ def test_two_beats_start_one_operation_per_policy_due_time(
         assert operations_per_policy() == [2, 2, 2, 2]
     finally:
         stop(second)
+
+
+# --- bulk migrate under faults ------------------------------------------------------------------
+
+
+class _ActiveChildren(threading.Thread):
+    """Samples, every few milliseconds, how many of a bulk migrate's children are started and
+    unfinished; ``most`` is the largest count seen."""
+
+    def __init__(self, db: Database, parent_id: uuid.UUID) -> None:
+        super().__init__(daemon=True)
+        self.db, self.parent_id = db, parent_id
+        self.most = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            with self.db.session() as session:
+                count = session.scalar(
+                    select(func.count())
+                    .select_from(Operation)
+                    .where(
+                        Operation.parent_id == self.parent_id,
+                        Operation.started_at.is_not(None),
+                        Operation.finished_at.is_(None),
+                    )
+                )
+            self.most = max(self.most, int(count or 0))
+            time.sleep(0.01)
+
+
+def test_bulk_migrate_survives_a_killed_worker_a_flushed_broker_and_duplicated_messages(
+    database: Database,
+    stack: Stack,
+    publisher: Celery,
+    broker_url: str,
+    receiver: SlowReceiver,
+    receiver_url: str,
+) -> None:
+    """Six endpoints, two at a time. Every child's advance is published three times (waiting
+    children included); while two children wait on a receiver that refuses them, the worker is
+    SIGKILLed and Redis flushed; the receiver then accepts. Never more than two children are
+    active, each endpoint is migrated exactly once, and the bulk operation succeeds."""
+    org_id = _new_org(database)
+    with database.session() as session:
+        sources = [
+            create_endpoint(session, org_id, url=receiver_url, events=["brand.vetted"])
+            for _ in range(6)
+        ]
+        started = bulk.start(session, org_id, max_concurrency=2)
+        parent_id = started.operation.id
+        child_ids = list(
+            session.scalars(select(Operation.id).where(Operation.parent_id == parent_id))
+        )
+    receiver.set_secrets([source.secret for source in sources])  # refuses every new secret
+    watcher = _ActiveChildren(database, parent_id)
+    watcher.start()
+    try:
+        for _ in range(3):
+            for child_id in child_ids:
+                _publish_advance(publisher, child_id)
+
+        def awaiting() -> int:
+            return sum(
+                _operation(database, child_id).state == OperationState.AWAITING_RECEIVER
+                for child_id in child_ids
+            )
+
+        _wait(lambda: awaiting() == 2, 30, "two children awaiting the receiver")
+        stack.kill_worker()
+        client = redis.Redis.from_url(broker_url)
+        try:
+            client.flushall()
+        finally:
+            client.close()
+        for child_id in child_ids:  # stale duplicates, published after the flush
+            _publish_advance(publisher, child_id)
+        receiver.set_secrets(
+            [secret for _, secret in started.secrets] + [source.secret for source in sources]
+        )
+        stack.start_worker(stack.overrides)
+        try:
+            _wait(
+                lambda: _operation(database, parent_id).finished,
+                3 * FLUSH_BOUND_S,
+                "the bulk migrate finished",
+                step=0.25,
+            )
+        except TimeoutError:
+            states = [_operation(database, child_id).state for child_id in child_ids]
+            pytest.fail(f"not finished: {states}\n{stack.worker_log()}")
+    finally:
+        watcher.done.set()
+        watcher.join(5)
+    assert watcher.most <= 2
+    parent = _operation(database, parent_id)
+    assert parent.state == OperationState.SUCCEEDED, (parent.error_code, parent.error_message)
+    for child_id in child_ids:
+        child = _operation(database, child_id)
+        assert child.state == OperationState.SUCCEEDED
+        assert [step.state for step in child.steps] == [StepState.SUCCEEDED] * 4
+    _assert_one_pair_per_operation(database, org_id, len(sources))
