@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from models import bulk, clock
@@ -392,3 +393,28 @@ def test_any_interleaving_keeps_the_cap_and_migrates_each_endpoint_once(
     else:
         assert parent.state == OperationState.FAILED
         assert parent.error_code == "CHILDREN_FAILED"
+
+
+def _metric(client, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def test_metrics_count_bulk_migrates_started_and_ended(client, database, tenant, refusing):
+    add_endpoints(database, tenant, refusing.url, 2)
+    started = _metric(client, "rotator_operations_started_total", kind="bulk_migrate")
+    canceled = _metric(
+        client, "rotator_operations_ended_total", kind="bulk_migrate", state="canceled"
+    )
+
+    parent = bulk_migrate(client, tenant, {"max_concurrency": 1}).json()
+    client.post(f"/v1/operations/{parent['id']}/cancel", headers=tenant.headers)
+    (child,) = [c for c in children(database, uuid.UUID(parent["id"])) if c.started_at]
+    advance(database, child.id)
+
+    assert _metric(client, "rotator_operations_started_total", kind="bulk_migrate") == started + 1
+    ended = _metric(client, "rotator_operations_ended_total", kind="bulk_migrate", state="canceled")
+    assert ended == canceled + 1
