@@ -501,6 +501,9 @@ class PolicyCreate(_Strict):
     next_run_at: datetime | None = Field(
         default=None, description="first run (default: one interval from now)"
     )
+    max_concurrency: (
+        Annotated[Integer, stated(minimum=CONCURRENCY_MIN, maximum=CONCURRENCY_MAX)] | None
+    ) = Field(default=None, description="org_endpoints only: children at once (5)")
 
 
 class PolicyUpdate(_Strict):
@@ -513,6 +516,9 @@ class PolicyUpdate(_Strict):
     paused: bool = False
     handoff: HandoffName = "none"
     next_run_at: datetime | None = None
+    max_concurrency: Annotated[
+        Integer, stated(minimum=CONCURRENCY_MIN, maximum=CONCURRENCY_MAX)
+    ] = CONCURRENCY_DEFAULT
 
 
 class Policy(BaseModel):
@@ -523,6 +529,7 @@ class Policy(BaseModel):
     interval_seconds: int
     paused: bool
     handoff: HandoffName
+    max_concurrency: int | None
     next_run_at: str
     last_run_at: str | None
     last_operation_id: str | None
@@ -543,6 +550,7 @@ def policy_json(policy: RotationPolicy) -> dict[str, Any]:
         "interval_seconds": policy.interval_seconds,
         "paused": policy.paused,
         "handoff": policy.handoff,
+        "max_concurrency": policy.max_concurrency,
         "next_run_at": rfc3339(policy.next_run_at),
         "last_run_at": _time(policy.last_run_at),
         "last_operation_id": _str(policy.last_operation_id),

@@ -167,7 +167,8 @@ def start(
             deadline_seconds=deadline_seconds,
             trigger=trigger,
             handoff=handoff,
-            reveal=handoff == "none",
+            # Shown in the 202 of an API request; a scheduled run's are revealed on request.
+            reveal=handoff == "none" and trigger == Trigger.API,
             parent_id=parent.id,
             start=False,
         )

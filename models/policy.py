@@ -18,7 +18,7 @@ from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from models import clock
+from models import bulk, clock
 from models import operation as operations
 from models.base import Base, IdMixin, UTCDateTime
 from models.db import settings_of
@@ -33,6 +33,7 @@ MAX_INTERVAL_S = 10 * 366 * 86_400
 class Target(StrEnum):
     ENDPOINT = "endpoint"
     ORG_SECRET = "org_secret"  # noqa: S105 - a target, not a secret
+    ORG_ENDPOINTS = "org_endpoints"  # every active endpoint, one bulk migrate per run
 
 
 class Strategy(StrEnum):
@@ -63,6 +64,13 @@ class RotationPolicy(IdMixin, Base):
             postgresql_where=text("deleted_at IS NULL AND target = 'org_secret'"),
             sqlite_where=text("deleted_at IS NULL AND target = 'org_secret'"),
         ),
+        Index(
+            "uq_rotation_policies_org_endpoints",
+            "org_id",
+            unique=True,
+            postgresql_where=text("deleted_at IS NULL AND target = 'org_endpoints'"),
+            sqlite_where=text("deleted_at IS NULL AND target = 'org_endpoints'"),
+        ),
         Index("ix_rotation_policies_due", "deleted_at", "paused", "next_run_at"),
         Index("ix_rotation_policies_org_created", "org_id", "created_at", "id"),
     )
@@ -74,6 +82,8 @@ class RotationPolicy(IdMixin, Base):
     interval_seconds: Mapped[int] = mapped_column(Integer)
     paused: Mapped[bool] = mapped_column(Boolean, default=False)
     handoff: Mapped[str] = mapped_column(String(16), default=Handoff.NONE)
+    # org_endpoints: children of each run's bulk migrate active at once.
+    max_concurrency: Mapped[int | None] = mapped_column(Integer)
     next_run_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_operation_id: Mapped[uuid.UUID | None] = mapped_column()
@@ -82,7 +92,9 @@ class RotationPolicy(IdMixin, Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-UPDATABLE = frozenset({"strategy", "interval_seconds", "paused", "handoff", "next_run_at"})
+UPDATABLE = frozenset(
+    {"strategy", "interval_seconds", "paused", "handoff", "next_run_at", "max_concurrency"}
+)
 
 
 def _check(
@@ -91,7 +103,7 @@ def _check(
     problems: dict[str, str] = {}
     target, strategy, handoff = values["target"], values["strategy"], values["handoff"]
     if target not in {t.value for t in Target}:
-        problems["target"] = "must be endpoint or org_secret"
+        problems["target"] = "must be endpoint, org_secret or org_endpoints"
     if strategy not in {s.value for s in Strategy}:
         problems["strategy"] = "must be safe_migrate or rotate"
     if handoff not in {h.value for h in Handoff}:
@@ -120,6 +132,17 @@ def _check(
             problems["endpoint_id"] = "must be omitted for an org_secret policy"
         if strategy != Strategy.ROTATE:
             problems["strategy"] = "an org_secret policy rotates (it has a grace window)"
+    elif target == Target.ORG_ENDPOINTS:
+        if values["endpoint_id"] is not None:
+            problems["endpoint_id"] = "must be omitted for an org_endpoints policy"
+        if strategy != Strategy.SAFE_MIGRATE:
+            problems["strategy"] = "an org_endpoints policy safe-migrates"
+    concurrency = values.get("max_concurrency")
+    if concurrency is not None:
+        if target != Target.ORG_ENDPOINTS:
+            problems["max_concurrency"] = "only for an org_endpoints policy"
+        elif not bulk.CONCURRENCY_MIN <= concurrency <= bulk.CONCURRENCY_MAX:
+            problems["max_concurrency"] = f"must be {bulk.CONCURRENCY_MIN}-{bulk.CONCURRENCY_MAX}"
     if handoff == Handoff.IN_BAND and strategy != Strategy.SAFE_MIGRATE:
         problems["handoff"] = "in_band needs strategy safe_migrate"
     next_run_at = values.get("next_run_at")
@@ -133,9 +156,10 @@ def _check(
 def create_policy(session: Session, org_id: uuid.UUID, **fields: Any) -> RotationPolicy:
     values: dict[str, Any] = {
         "endpoint_id": None,
-        "strategy": Strategy.SAFE_MIGRATE
-        if fields.get("target") == Target.ENDPOINT
-        else Strategy.ROTATE,
+        "strategy": Strategy.ROTATE
+        if fields.get("target") == Target.ORG_SECRET
+        else Strategy.SAFE_MIGRATE,
+        "max_concurrency": None,
         "paused": False,
         "handoff": Handoff.NONE,
         "next_run_at": None,
@@ -154,6 +178,9 @@ def create_policy(session: Session, org_id: uuid.UUID, **fields: Any) -> Rotatio
         interval_seconds=values["interval_seconds"],
         paused=bool(values["paused"]),
         handoff=values["handoff"],
+        max_concurrency=values["max_concurrency"]
+        if values["target"] != Target.ORG_ENDPOINTS
+        else values["max_concurrency"] or bulk.CONCURRENCY_DEFAULT,
         next_run_at=values["next_run_at"] or now + timedelta(seconds=values["interval_seconds"]),
         created_at=now,
         updated_at=now,
@@ -269,6 +296,7 @@ def follow_migration(
 class Run:
     policy_id: uuid.UUID
     operation_id: uuid.UUID | None  # None: skipped (the target is busy)
+    advance: tuple[uuid.UUID, ...] = ()  # operations to advance once the run commits
 
 
 def run_due(session: Session, *, limit: int = 100) -> list[Run]:
@@ -287,6 +315,7 @@ def run_due(session: Session, *, limit: int = 100) -> list[Run]:
     ).all()
     runs = []
     for policy in due:
+        started: list[uuid.UUID] = []
         due_at = policy.next_run_at
         interval = timedelta(seconds=policy.interval_seconds)
         # On time: keep the cadence. Missed runs (beat was down): one catch-up run, now.
@@ -295,20 +324,43 @@ def run_due(session: Session, *, limit: int = 100) -> list[Run]:
         policy.updated_at = now
         try:
             with session.begin_nested():
-                operation = _start(session, policy, due_at)
-        except Conflict:
-            runs.append(Run(policy.id, None))  # the last run is still going: skip this one
+                operation, started = _start(session, policy, due_at)
+        except (Conflict, ValidationFailed):
+            # The last run is still going, or (org_endpoints) no endpoint is active: skip.
+            runs.append(Run(policy.id, None))
             continue
         except IntegrityError:
             runs.append(Run(policy.id, None))  # another beat started this due time already
             continue
         policy.last_run_at = now
         policy.last_operation_id = operation.id
-        runs.append(Run(policy.id, operation.id))
+        runs.append(Run(policy.id, operation.id, tuple(started)))
     return runs
 
 
-def _start(session: Session, policy: RotationPolicy, due_at: datetime) -> operations.Operation:
+def _start(
+    session: Session, policy: RotationPolicy, due_at: datetime
+) -> tuple[operations.Operation, list[uuid.UUID]]:
+    """The run's operation, and the operations to advance once it commits."""
+    if policy.target == Target.ORG_ENDPOINTS:
+        started = bulk.start(
+            session,
+            policy.org_id,
+            max_concurrency=policy.max_concurrency or bulk.CONCURRENCY_DEFAULT,
+            deadline_seconds=settings_of(session).scheduled_migrate_deadline_seconds,
+            handoff=policy.handoff,
+            trigger=operations.Trigger.SCHEDULE,
+            policy_id=policy.id,
+            scheduled_for=due_at,
+        )
+        return started.operation, started.started
+    operation = _start_operation(session, policy, due_at)
+    return operation, [operation.id]
+
+
+def _start_operation(
+    session: Session, policy: RotationPolicy, due_at: datetime
+) -> operations.Operation:
     if policy.target == Target.ORG_SECRET:
         return operations.start_rotation(
             session, policy.org_id, None, policy_id=policy.id, scheduled_for=due_at

@@ -92,8 +92,8 @@ def run_due_policies() -> int:
     with get_database().session() as session:
         runs = policy.run_due(session)
         for run in runs:
-            if run.operation_id is not None:
-                send_after_commit(session, TaskName.OPERATION_ADVANCE, run.operation_id)
+            for operation_id in run.advance:
+                send_after_commit(session, TaskName.OPERATION_ADVANCE, operation_id)
         heartbeat.record(session, TaskName.POLICY_TICK)
     started = sum(run.operation_id is not None for run in runs)
     if runs:

@@ -197,7 +197,14 @@ def _arrange(label: str, case: Any, fuzzed: Fuzzed, number: int, *, aim: bool = 
         if body.get("events") is not None:
             body["events"] = ["brand.vetted"]
     if label == "POST /v1/rotation-policies" and isinstance(body, dict):
-        if body.get("target") == "org_secret":
+        # max_concurrency belongs to org_endpoints policies only.
+        if body.get("target") != "org_endpoints":
+            body.pop("max_concurrency", None)
+        if body.get("target") == "org_endpoints":
+            body.pop("endpoint_id", None)
+            if body.get("strategy") is not None:
+                body["strategy"] = "safe_migrate"
+        elif body.get("target") == "org_secret":
             body.pop("endpoint_id", None)
             if body.get("strategy") is not None:
                 body["strategy"] = "rotate"
@@ -207,6 +214,10 @@ def _arrange(label: str, case: Any, fuzzed: Fuzzed, number: int, *, aim: bool = 
             body["endpoint_id"] = _live_endpoint(fuzzed)
     if label == "PATCH /v1/rotation-policies/{policy_id}" and isinstance(body, dict):
         current = _policy(fuzzed.database, case.path_parameters.get("policy_id"))
+        if current is None or current.target != "org_endpoints":
+            body.pop("max_concurrency", None)
+        if current is not None and current.target == "org_endpoints":
+            body["strategy"] = "safe_migrate"
         if current is not None and current.target == "org_secret":
             body.update(
                 {k: v for k, v in (("strategy", "rotate"), ("handoff", "none")) if k in body}

@@ -92,3 +92,53 @@ def test_in_band_policy_rotates_unattended_twice(client, database, workers):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_org_endpoints_policy_migrates_every_endpoint_unattended(client, database, workers):
+    tenant = make_tenant(database)
+    receiver = DemoReceiver(["A" * 43 + "="])
+    server = serve(receiver, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.server_address[1]}/hooks"
+    try:
+        old = [
+            client.post(
+                "/v1/webhooks",
+                json={"url": url, "events": ["brand.vetted"]},
+                headers=tenant.headers,
+            ).json()
+            for _ in range(3)
+        ]
+        receiver.set_secrets([endpoint["secret"] for endpoint in old])
+        policy = client.post(
+            "/v1/rotation-policies",
+            json={
+                "target": "org_endpoints",
+                "interval_seconds": 3600,
+                "handoff": "in_band",
+                "max_concurrency": 2,
+                "next_run_at": datetime.now(UTC).isoformat(),
+            },
+            headers=tenant.headers,
+        )
+        assert policy.status_code == 201, policy.text
+        assert policy.json()["strategy"] == "safe_migrate"
+        assert policy.json()["max_concurrency"] == 2
+
+        def finished_bulk():
+            listed = client.get(
+                "/v1/operations", params={"kind": "bulk_migrate"}, headers=tenant.headers
+            ).json()["data"]
+            return [op for op in listed if op["finished_at"] is not None]
+
+        (run,) = _wait(finished_bulk, timeout=45, what="the scheduled bulk migrate")
+        assert run["state"] == "succeeded", run
+        assert run["trigger"] == "schedule"
+        assert run["policy_id"] == policy.json()["id"]
+        assert run["children"]["succeeded"] == 3
+        for endpoint in old:
+            gone = client.get(f"/v1/webhooks/{endpoint['id']}", headers=tenant.headers)
+            assert gone.status_code == 404
+        assert len(receiver.secrets()) == 6  # each handoff installed its new secret by itself
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -24,6 +24,7 @@ POLICY_FIELDS = {
     "next_run_at",
     "last_run_at",
     "last_operation_id",
+    "max_concurrency",
 }
 MISSING_ID = "0190a1b2-0000-7000-8000-000000000000"
 DAY_S = 86_400
@@ -663,3 +664,51 @@ def test_a_policy_can_be_paused_while_its_endpoint_is_paused(client, tenant, end
 
     assert response.status_code == 200, response.text
     assert response.json() == {**policy, "paused": True}
+
+
+# --- org_endpoints: every endpoint of the organization, one bulk migrate per run ---------------
+
+
+def test_an_org_endpoints_policy_safe_migrates_with_its_concurrency(client, tenant, endpoint):
+    made = client.post(
+        "/v1/rotation-policies",
+        json={"target": "org_endpoints", "interval_seconds": DAY_S},
+        headers=tenant.headers,
+    )
+    assert made.status_code == 201, made.text
+    body = made.json()
+    assert (body["strategy"], body["max_concurrency"], body["endpoint_id"]) == (
+        "safe_migrate",
+        5,
+        None,
+    )
+    again = client.post(
+        "/v1/rotation-policies",
+        json={"target": "org_endpoints", "interval_seconds": DAY_S},
+        headers=tenant.headers,
+    )
+    assert again.status_code == 409  # one per organization
+    changed = client.patch(
+        f"/v1/rotation-policies/{body['id']}", json={"max_concurrency": 9}, headers=tenant.headers
+    )
+    assert changed.json()["max_concurrency"] == 9
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"target": "org_endpoints", "strategy": "rotate"}, "strategy"),
+        ({"target": "org_endpoints", "endpoint_id": "ENDPOINT"}, "endpoint_id"),
+        (
+            {"target": "endpoint", "endpoint_id": "ENDPOINT", "max_concurrency": 3},
+            "max_concurrency",
+        ),
+    ],
+)
+def test_org_endpoints_settings_belong_to_it_alone(client, tenant, endpoint, fields, field):
+    body = {"interval_seconds": DAY_S, **fields}
+    if body.get("endpoint_id") == "ENDPOINT":
+        body["endpoint_id"] = endpoint["id"]
+    refused = client.post("/v1/rotation-policies", json=body, headers=tenant.headers)
+    assert refused.status_code == 422
+    assert field in refused.json()["error"]["details"]

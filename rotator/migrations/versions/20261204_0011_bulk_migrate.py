@@ -1,4 +1,5 @@
-"""bulk migrate: operations with a parent, started when their parent makes room
+"""bulk migrate: operations with a parent, started when their parent makes room; policies
+that migrate every endpoint of an organization
 
 ``parent_id`` ties a bulk migrate's children to it; ``started_at`` tells a child that waits for
 room (NULL) from one that has started; ``deadline_at`` is NULL for a bulk operation and for a
@@ -37,9 +38,23 @@ def upgrade() -> None:
         )
         batch.create_index("ix_operations_parent", ["parent_id", "created_at", "id"])
     op.execute("UPDATE operations SET started_at = created_at")
+    with op.batch_alter_table("rotation_policies") as batch:
+        batch.add_column(sa.Column("max_concurrency", sa.Integer(), nullable=True))
+    op.create_index(
+        "uq_rotation_policies_org_endpoints",
+        "rotation_policies",
+        ["org_id"],
+        unique=True,
+        postgresql_where=sa.text("deleted_at IS NULL AND target = 'org_endpoints'"),
+        sqlite_where=sa.text("deleted_at IS NULL AND target = 'org_endpoints'"),
+    )
 
 
 def downgrade() -> None:
+    op.execute("DELETE FROM rotation_policies WHERE target = 'org_endpoints'")
+    op.drop_index("uq_rotation_policies_org_endpoints", table_name="rotation_policies")
+    with op.batch_alter_table("rotation_policies") as batch:
+        batch.drop_column("max_concurrency")
     op.execute(
         "DELETE FROM operation_steps WHERE operation_id IN (SELECT id FROM operations WHERE parent_id IS NOT NULL OR kind = 'bulk_migrate')"
     )
