@@ -9,14 +9,16 @@ from __future__ import annotations
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TextIO
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from models import clock
 from models.db import Database
-from models.operation import Operation, OperationState, StepState
+from models.operation import TERMINAL_STATES, Operation, OperationKind, OperationState, StepState
 
 EXIT_SUCCEEDED, EXIT_ENDED_OTHERWISE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 130
 _STEP_MARKS = {
@@ -47,25 +49,85 @@ def list_operations(
     state: str | None = None,
     limit: int = 50,
 ) -> int:
+    """Top-level operations, newest first; a bulk migrate's children folded under it."""
     with db.session() as session:
-        query = select(Operation).order_by(Operation.created_at.desc(), Operation.id.desc())
+        query = (
+            select(Operation)
+            .where(Operation.parent_id.is_(None))
+            .order_by(Operation.created_at.desc(), Operation.id.desc())
+        )
         if org_id is not None:
             query = query.where(Operation.org_id == org_id)
         if state is not None:
             query = query.where(Operation.state == state)
         rows = session.scalars(query.limit(limit)).all()
-        out.write(f"{'ID':36}  {'KIND':19}  {'STATE':17}  {'STEP':19}  CREATED\n")
+        out.write(f"{'ID':38}  {'KIND':19}  {'STATE':17}  {'STEP':19}  CREATED\n")
         for operation in rows:
-            current = operation.current_step()
-            step = current.name if current and not operation.finished else "-"
-            out.write(
-                f"{operation.id!s:36}  {operation.kind:19}  {operation.state:17}  {step:19}  "
-                f"{_short(operation.created_at)}\n"
-            )
+            out.write(_row(operation, ""))
+            if operation.kind == OperationKind.BULK_MIGRATE:
+                for child in children_of(session, operation):
+                    out.write(_row(child, "└ "))
     return 0
 
 
-def render(operation: Operation) -> str:
+def _row(operation: Operation, indent: str) -> str:
+    current = operation.current_step()
+    step = current.name if current and not operation.finished else "-"
+    if operation.kind == OperationKind.BULK_MIGRATE:
+        step = "-"
+    ident = f"{indent}{operation.id}"
+    return (
+        f"{ident:38}  {operation.kind:19}  {operation.state:17}  {step:19}  "
+        f"{_short(operation.created_at)}\n"
+    )
+
+
+def children_of(session: Session, operation: Operation) -> list[Operation]:
+    return list(
+        session.scalars(
+            select(Operation)
+            .where(Operation.parent_id == operation.id)
+            .order_by(Operation.created_at, Operation.id)
+        )
+    )
+
+
+def _counts(kids: Sequence[Operation]) -> str:
+    counts: dict[str, int] = {}
+    for child in kids:
+        counts[child.state] = counts.get(child.state, 0) + 1
+    shown = " ".join(f"{state}={counts[state]}" for state in OperationState if state in counts)
+    return f"total={len(kids)} {shown}".strip()
+
+
+def _unfinished(kids: Sequence[Operation]) -> list[str]:
+    lines = []
+    for child in kids:
+        if child.state in TERMINAL_STATES:
+            continue
+        current = child.current_step()
+        waiting = child.started_at is None
+        step = "waiting for room" if waiting else (current.name if current else "-")
+        lines.append(f"{child.id} {child.source_endpoint_id} {child.state} {step}")
+    return lines
+
+
+def render(operation: Operation, kids: Sequence[Operation] = ()) -> str:
+    if operation.kind == OperationKind.BULK_MIGRATE:
+        lines = [
+            f"operation {operation.id}  {operation.kind}  trigger={operation.trigger}",
+            f"state     {operation.state}"
+            + (
+                f"  error={operation.error_code}: {operation.error_message}"
+                if operation.error_code
+                else ""
+            ),
+            f"children  {_counts(kids)}  max_concurrency={operation.params.get('max_concurrency')}",
+            "",
+            "    unfinished (child, old endpoint, state, step)",
+            *(f"    {line}" for line in _unfinished(kids)),
+        ]
+        return "\n".join(lines) + "\n"
     lines = [
         f"operation {operation.id}  {operation.kind}  trigger={operation.trigger}",
         f"state     {operation.state}"
@@ -89,11 +151,17 @@ def render(operation: Operation) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _facts(operation: Operation) -> dict[str, str]:
+def _facts(operation: Operation, kids: Sequence[Operation] = ()) -> dict[str, str]:
     """What ``watch`` reports line by line off a terminal, in the order it prints them: the
     endpoints, each step (state, tries, last error), then the operation's state (and error).
     Relative times are left out: they change on every poll without anything happening."""
     facts = {"endpoints": f"{operation.source_endpoint_id} -> {operation.new_endpoint_id or '-'}"}
+    if operation.kind == OperationKind.BULK_MIGRATE:
+        facts = {"children": _counts(kids)}
+        for child in kids:
+            current = child.current_step()
+            where = "waiting" if child.started_at is None else (current.name if current else "-")
+            facts[f"child {child.id}"] = f"{child.state} {where}"
     for step in operation.steps:
         fact = f"{step.state} tries={step.attempts}"
         if step.next_attempt_at is not None and step.state == StepState.RUNNING:
@@ -139,10 +207,15 @@ def watch(
                 if operation is None:
                     out.write(f"operation {operation_id} not found\n")
                     return EXIT_NOT_FOUND
+                kids = (
+                    children_of(session, operation)
+                    if operation.kind == OperationKind.BULK_MIGRATE
+                    else []
+                )
                 if live:
-                    out.write("\x1b[H\x1b[2J" + render(operation))
+                    out.write("\x1b[H\x1b[2J" + render(operation, kids))
                 else:
-                    facts = _facts(operation)
+                    facts = _facts(operation, kids)
                     for line in change_lines(operation, last_facts, facts):
                         out.write(line + "\n")
                     last_facts = facts

@@ -7,6 +7,7 @@ import re
 import threading
 import uuid
 
+from models import bulk
 from models.endpoint import create_endpoint
 from models.operation import begin_advance, request_cancel, start_migration
 from models.org import ALL_SCOPES
@@ -109,3 +110,38 @@ def test_watch_on_a_terminal_redraws_the_whole_view(database):
     assert screen.startswith("\x1b[H\x1b[2J")
     assert "STEP" in screen
     assert "canceled" in screen
+
+
+def _bulk(database, count=3, cap=1):
+    tenant = make_tenant(database)
+    with database.session() as session:
+        for _ in range(count):
+            create_endpoint(
+                session, tenant.org_id, url="https://hooks.example/h", events=["brand.vetted"]
+            )
+        started = bulk.start(session, tenant.org_id, max_concurrency=cap)
+    return tenant, started
+
+
+def test_list_folds_a_bulk_migrates_children_under_it(database, capsys):
+    _, started = _bulk(database)
+    assert main(["ops", "list", "--org", str(started.operation.org_id)]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert lines[0].split()[:3] == [str(started.operation.id), "bulk_migrate", "running"]
+    assert [line.split()[0] for line in lines[1:]] == ["└"] * 3
+    assert {line.split()[2] for line in lines[1:]} == {"safe_migrate"}
+
+
+def test_watch_of_a_bulk_migrate_reports_its_children(database):
+    tenant, started = _bulk(database)
+    with database.session() as session:
+        bulk.cancel(session, tenant.org_id, started.operation.id, scopes=ALL_SCOPES)
+    (running,) = started.started
+    with database.session() as session:
+        begin_advance(session, running)
+        bulk.child_ended(session, started.operation.id)
+    out = io.StringIO()
+    assert watch(database, started.operation.id, out) == 1
+    text = out.getvalue()
+    assert "children total=3 canceled=3" in text
+    assert "state canceled" in text
