@@ -22,7 +22,10 @@
     safe_migrate: 'Safe migrate',
     scheduled_rotation: 'Scheduled rotation',
     org_secret_rotation: 'Org secret rotation',
+    bulk_migrate: 'Bulk migrate',
   };
+  // A bulk migrate's children, in the order its progress bar shows them.
+  const CHILD_STATES = ['succeeded', 'rolled_back', 'failed', 'canceled', 'awaiting_receiver', 'running', 'pending'];
   const STATE_LABELS = {
     pending: 'Pending',
     running: 'Running',
@@ -423,7 +426,7 @@
       class: 'live-dot', dataset: { testid: 'op-live' }, title: 'Streaming live', hidden: true,
     });
     const segments = el('div', { class: 'segments', dataset: { testid: 'op-progress' } });
-    const progressText = el('span', { class: 'progress-text muted' });
+    const progressText = el('span', { class: 'progress-text muted', dataset: { testid: 'op-progress-text' } });
     const source = el('span', { class: 'mono', dataset: { testid: 'op-source' } });
     const target = el('span', { class: 'mono', dataset: { testid: 'op-target' } });
     const endpoints = el('td', { dataset: { testid: 'op-endpoints' } },
@@ -547,7 +550,32 @@
     renderExpanded(view);
   }
 
+  function renderChildrenProgress(view, operation) {
+    // One segment per child, grouped by state: the bar of a bulk migrate is its children.
+    const counts = operation.children;
+    const cells = [];
+    for (const state of CHILD_STATES) {
+      const segment = state === 'awaiting_receiver' ? 'waiting'
+        : state === 'rolled_back' || state === 'canceled' ? 'skipped' : state;
+      for (let i = 0; i < (counts[state] || 0); i += 1) {
+        cells.push(el('span', {
+          class: `segment segment-${segment}`,
+          title: `${counts[state]} ${STATE_LABELS[state] || state}`,
+          dataset: { testid: 'child-segment', state },
+        }));
+      }
+    }
+    view.segments.classList.add('segments-children');
+    view.segments.replaceChildren(...cells);
+    const ended = counts.succeeded + counts.rolled_back + counts.failed + counts.canceled;
+    view.progressText.textContent = `${ended}/${counts.total}`;
+  }
+
   function renderProgress(view, operation) {
+    if (operation.children) {
+      renderChildrenProgress(view, operation);
+      return;
+    }
     const steps = operation.steps || [];
     const cells = steps.map((step) => {
       const waiting = step.state === 'running' && operation.state === 'awaiting_receiver';
@@ -565,6 +593,13 @@
   }
 
   function renderEndpoints(view, operation) {
+    if (operation.children) {
+      view.source.textContent = `${operation.children.total} endpoints`;
+      view.source.title = '';
+      view.target.textContent = '';
+      view.target.parentElement.classList.add('single');
+      return;
+    }
     if (!operation.source_endpoint_id && !operation.new_endpoint_id) {
       view.source.textContent = operation.kind === 'org_secret_rotation' ? 'organization secret' : '—';
       view.source.title = '';
@@ -604,6 +639,10 @@
       ...fact('Old endpoint', operation.source_endpoint_id, 'fact-source', { mono: true }),
       ...fact('New endpoint', operation.new_endpoint_id, 'fact-target', { mono: true }),
       ...(operation.policy_id ? fact('Policy', operation.policy_id, 'fact-policy', { mono: true }) : []),
+      ...(operation.children ? fact('Children', CHILD_STATES
+        .filter((state) => operation.children[state])
+        .map((state) => `${operation.children[state]} ${STATE_LABELS[state] || state}`)
+        .join(', ') || '—', 'fact-children') : []),
       ...fact('Deadline', operation.finished_at ? timeFact(operation.deadline_at, 'past') : timeFact(operation.deadline_at, 'future'), 'fact-deadline'),
       ...fact('Finished', timeFact(operation.finished_at, 'past'), 'fact-finished'),
     );

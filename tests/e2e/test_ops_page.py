@@ -323,6 +323,28 @@ def test_operator_watches_a_migration_live_and_cancels_another(live_api, databas
             page.get_by_test_id("state-filter").select_option("")
             expect(page.get_by_test_id("op")).to_have_count(4)
 
+            # 5. A bulk migrate: one row for the parent, its children as its progress bar.
+            sources = [api.endpoint(), api.endpoint()]
+            demo_receiver.set_secrets([endpoint["secret"] for endpoint in sources])
+            started = http.post(
+                "/v1/webhooks/migrate",
+                json={"endpoint_ids": [e["id"] for e in sources], "max_concurrency": 1},
+            )
+            assert started.status_code == 202, started.text
+            bulk = started.json()
+            page.get_by_test_id("refresh").click()
+            row = _row(page, bulk["id"])
+            expect(row.get_by_test_id("op-kind")).to_have_text("Bulk migrate")
+            expect(row.get_by_test_id("child-segment")).to_have_count(2, timeout=WAIT_MS)
+            for item in bulk["secrets"]:
+                demo_receiver.add_secret(item["secret"])
+            expect(row).to_have_attribute("data-state", "succeeded", timeout=WAIT_MS)
+            expect(row.get_by_test_id("op-progress-text")).to_have_text("2/2")
+            expect(
+                row.locator('[data-testid="child-segment"][data-state="succeeded"]')
+            ).to_have_count(2)
+            expect(page.get_by_test_id("op")).to_have_count(5)  # children are not rows of their own
+
             # Forgetting the key clears the tab.
             page.get_by_test_id("forget-key").click()
             expect(page.get_by_test_id("key-panel")).to_be_visible()
