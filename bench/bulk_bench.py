@@ -186,10 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             with psycopg.connect(args.database_url, autocommit=True) as pg:
                 database = args.database_url.rsplit("/", 1)[-1]
                 groups = {"worker": worker.pid, "api": api.pid, "receiver": receiver.pid}
-                for index in range(args.rounds):
+
+                def independent_phase(index: int, sources: Org) -> Org:
+                    """500 independent migrates; the organization's endpoints afterwards."""
                     phase = run_migrations(
                         f"independent-{index}",
-                        single,
+                        sources,
                         api_port,
                         16,
                         pg,
@@ -201,25 +203,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     independent.append(phase.total_s)
                     print(f"independent-{index}: {phase.total_s:.2f} s", flush=True)
-                    single = Org(single.org_id, single.api_key, phase.next_sources)
+                    return Org(sources.org_id, sources.api_key, phase.next_sources)
+
+                for index in range(args.rounds):
+                    single = independent_phase(index, single)
                     seconds = run_bulk(api_port, many, pg, args.timeout, checks)
                     bulk.append(round(seconds, 3))
                     print(f"bulk-{index}: {seconds:.2f} s", flush=True)
                     many = [next_sources(pg, org) for org in many]
-                phase = run_migrations(
-                    f"independent-{args.rounds}",
-                    single,
-                    api_port,
-                    16,
-                    pg,
-                    redis_client,
-                    groups,
-                    database,
-                    args.timeout,
-                    checks,
-                )
-                independent.append(phase.total_s)
-                print(f"independent-{args.rounds}: {phase.total_s:.2f} s", flush=True)
+                independent_phase(args.rounds, single)
         except KeyboardInterrupt:
             return 130
         except BenchError as exc:

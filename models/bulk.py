@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -187,33 +188,38 @@ def _lock(session: Session, parent_id: uuid.UUID) -> Operation | None:
     ).one_or_none()
 
 
+def _active(parent_id: uuid.UUID) -> tuple[Any, ...]:
+    """Children started and not finished: the ones ``max_concurrency`` counts."""
+    return (
+        Operation.parent_id == parent_id,
+        Operation.started_at.is_not(None),
+        Operation.finished_at.is_(None),
+    )
+
+
+def _waiting(parent_id: uuid.UUID) -> tuple[Any, ...]:
+    """Children waiting for room."""
+    return (
+        Operation.parent_id == parent_id,
+        Operation.started_at.is_(None),
+        Operation.finished_at.is_(None),
+    )
+
+
 def start_next(session: Session, parent: Operation) -> list[uuid.UUID]:
     """Start waiting children, oldest first, while the parent has room; their ids. The caller
     holds the parent's row lock (or has just created it)."""
     if parent.finished or parent.cancel_requested:
         return []
     active = (
-        session.scalar(
-            select(func.count())
-            .select_from(Operation)
-            .where(
-                Operation.parent_id == parent.id,
-                Operation.started_at.is_not(None),
-                Operation.finished_at.is_(None),
-            )
-        )
-        or 0
+        session.scalar(select(func.count()).select_from(Operation).where(*_active(parent.id))) or 0
     )
     room = int(parent.params["max_concurrency"]) - active
     if room <= 0:
         return []
     waiting = session.scalars(
         select(Operation)
-        .where(
-            Operation.parent_id == parent.id,
-            Operation.started_at.is_(None),
-            Operation.finished_at.is_(None),
-        )
+        .where(*_waiting(parent.id))
         .order_by(Operation.created_at, Operation.id)
         .limit(room)
     ).all()
@@ -253,25 +259,11 @@ def cancel(
     # Only waiting children are locked here: a started child locks itself, then this parent,
     # when it ends (``child_ended``); locking it from here could deadlock with that.
     waiting = session.scalars(
-        select(Operation)
-        .where(
-            Operation.parent_id == operation.id,
-            Operation.started_at.is_(None),
-            Operation.finished_at.is_(None),
-        )
-        .with_for_update()
+        select(Operation).where(*_waiting(operation.id)).with_for_update()
     ).all()
     for child in waiting:
         operations.end_unstarted(session, child, now)
-    wake = list(
-        session.scalars(
-            select(Operation.id).where(
-                Operation.parent_id == operation.id,
-                Operation.started_at.is_not(None),
-                Operation.finished_at.is_(None),
-            )
-        )
-    )
+    wake = list(session.scalars(select(Operation.id).where(*_active(operation.id))))
     _end_if_done(session, operation)
     return operation, wake
 

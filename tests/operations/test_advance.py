@@ -29,45 +29,13 @@ from models.operation import Operation, OperationKind, OperationState, Operation
 from models.org import ALL_SCOPES
 from receiver import BadSignature, verify
 from schedules.ticks import reconcile_operations
-from tests.factories import Tenant, make_tenant
-from tests.receivers import Received, ScriptedReceiver, scripted_receiver
+from tests.factories import Tenant
+from tests.receivers import Received, ScriptedReceiver
 from tests.support import overridden
 from workers.operations import advance
 from workers.sending import sender_for
 
 STEP_NAMES = ["create_endpoint", "send_test_delivery", "await_success", "delete_old_endpoint"]
-BACKOFF_INITIAL_S, BACKOFF_MAX_S = 2.0, 8.0
-
-
-@pytest.fixture
-def loopback(settings):
-    """Loopback http:// receivers allowed; a backoff short enough to reach by moving the clock,
-    long enough that an advance right after a failed probe is early (more than 1 s ahead)."""
-    with overridden(
-        settings,
-        allow_insecure_urls=True,
-        migrate_backoff_initial_seconds=BACKOFF_INITIAL_S,
-        migrate_backoff_max_seconds=BACKOFF_MAX_S,
-        delivery_timeout_seconds=3.0,
-    ) as changed:
-        yield changed
-
-
-@pytest.fixture
-def tenant(database) -> Tenant:
-    return make_tenant(database)
-
-
-@pytest.fixture
-def accepting(loopback):
-    with scripted_receiver(200) as receiver:
-        yield receiver
-
-
-@pytest.fixture
-def refusing(loopback):
-    with scripted_receiver(401) as receiver:
-        yield receiver
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -577,7 +545,7 @@ def test_overdue_selects_unfinished_operations_late_by_more_than_the_threshold(
 ):
     threshold = timedelta(seconds=30)
     fresh = start(database, tenant, add_source(database, tenant, refusing.url)).operation
-    waiting = migration_waiting(database, tenant, refusing)  # due in BACKOFF_INITIAL_S
+    waiting = migration_waiting(database, tenant, refusing)  # due after the first backoff
     ended = start(database, tenant, add_source(database, tenant, refusing.url)).operation
     cancel(database, tenant, ended.id)
     advance(database, ended.id)

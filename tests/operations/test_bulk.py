@@ -12,7 +12,6 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,35 +24,6 @@ from tests.factories import Tenant, make_tenant
 from tests.receivers import scripted_receiver
 from tests.support import overridden
 from workers.operations import advance
-
-
-@pytest.fixture
-def loopback(settings):
-    with overridden(
-        settings,
-        allow_insecure_urls=True,
-        migrate_backoff_initial_seconds=2.0,
-        migrate_backoff_max_seconds=4.0,
-        delivery_timeout_seconds=3.0,
-    ) as changed:
-        yield changed
-
-
-@pytest.fixture
-def tenant(database) -> Tenant:
-    return make_tenant(database)
-
-
-@pytest.fixture
-def accepting(loopback):
-    with scripted_receiver(200) as receiver:
-        yield receiver
-
-
-@pytest.fixture
-def refusing(loopback):
-    with scripted_receiver(401) as receiver:
-        yield receiver
 
 
 def add_endpoints(database, tenant: Tenant, url: str, count: int, events=("brand.vetted",)):
