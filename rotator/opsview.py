@@ -113,22 +113,7 @@ def _unfinished(kids: Sequence[Operation]) -> list[str]:
 
 
 def render(operation: Operation, kids: Sequence[Operation] = ()) -> str:
-    if operation.kind == OperationKind.BULK_MIGRATE:
-        lines = [
-            f"operation {operation.id}  {operation.kind}  trigger={operation.trigger}",
-            f"state     {operation.state}"
-            + (
-                f"  error={operation.error_code}: {operation.error_message}"
-                if operation.error_code
-                else ""
-            ),
-            f"children  {_counts(kids)}  max_concurrency={operation.params.get('max_concurrency')}",
-            "",
-            "    unfinished (child, old endpoint, state, step)",
-            *(f"    {line}" for line in _unfinished(kids)),
-        ]
-        return "\n".join(lines) + "\n"
-    lines = [
+    head = [
         f"operation {operation.id}  {operation.kind}  trigger={operation.trigger}",
         f"state     {operation.state}"
         + (
@@ -136,6 +121,18 @@ def render(operation: Operation, kids: Sequence[Operation] = ()) -> str:
             if operation.error_code
             else ""
         ),
+    ]
+    if operation.kind == OperationKind.BULK_MIGRATE:
+        lines = [
+            *head,
+            f"children  {_counts(kids)}  max_concurrency={operation.params.get('max_concurrency')}",
+            "",
+            "    unfinished (child, old endpoint, state, step)",
+            *(f"    {line}" for line in _unfinished(kids)),
+        ]
+        return "\n".join(lines) + "\n"
+    lines = [
+        *head,
         f"endpoints {operation.source_endpoint_id} -> {operation.new_endpoint_id or '(not yet)'}",
         f"deadline  {_short(operation.deadline_at)} ({_in(operation.deadline_at)})",
         "",

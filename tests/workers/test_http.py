@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
@@ -151,8 +152,8 @@ def _truncated(handler: Handler) -> None:
     handler.close_connection = True
 
 
-@pytest.fixture
-def receiver() -> Iterator[ReceiverServer]:
+@contextmanager
+def _serving() -> Iterator[ReceiverServer]:
     server = ReceiverServer()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.daemon = True
@@ -162,6 +163,12 @@ def receiver() -> Iterator[ReceiverServer]:
     server.shutdown()
     server.server_close()
     thread.join(5)
+
+
+@pytest.fixture
+def receiver() -> Iterator[ReceiverServer]:
+    with _serving() as server:
+        yield server
 
 
 @pytest.fixture
@@ -1049,14 +1056,8 @@ def test_parse_retry_after() -> None:
 
 @pytest.fixture
 def other_receiver() -> Iterator[ReceiverServer]:
-    server = ReceiverServer()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.daemon = True
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with _serving() as server:
+        yield server
 
 
 @pytest.fixture
