@@ -20,6 +20,7 @@ from api.routes import (
     ops_page,
     org_secret,
     policies,
+    providers,
 )
 from models.db import get_database
 from rotator import __version__
@@ -71,6 +72,7 @@ def create_app() -> FastAPI:
         operations.router,
         org_secret.router,
         policies.router,
+        providers.router,
         health.router,
         metrics.router,
         ops_page.router,

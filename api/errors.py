@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from models.errors import DomainError, RateLimited
+from models.errors import DomainError
 
 log = logging.getLogger("rotator.api")
 
@@ -30,6 +30,7 @@ _HTTP_CODES: dict[int, tuple[str, str]] = {
     422: ("VALIDATION_FAILED", "validation failed"),
     429: ("RATE_LIMITED", "rate limit exceeded"),
     500: ("INTERNAL_ERROR", "internal error"),
+    502: ("PROVIDER_UNAVAILABLE", "the remote provider did not answer"),
     503: ("SERVICE_UNAVAILABLE", "service unavailable"),
 }
 
@@ -99,7 +100,7 @@ def validation_details(errors: Sequence[Mapping[str, Any]]) -> dict[str, str]:
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     exc = cast(DomainError, exc)
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
     return envelope(
         exc.status,
         exc.code,

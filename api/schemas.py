@@ -41,6 +41,7 @@ from models.operation import (
 )
 from models.pagination import CURSOR_PATTERN
 from models.policy import MAX_INTERVAL_S, Handoff, RotationPolicy, Strategy, Target
+from models.provider import MAX_API_KEY, MAX_BASE_URL, MAX_NAME, REMOTE_ID_PATTERN, Provider
 from rotator.settings import Settings
 
 # --- constraints ---------------------------------------------------------------------------------
@@ -366,6 +367,9 @@ class BulkSelection(BaseModel):
 class OperationError(BaseModel):
     code: str
     message: str
+    details: dict[str, str] | None = Field(
+        default=None, description="a failed remote migrate: what it left at the provider"
+    )
 
 
 class OperationStepOut(BaseModel):
@@ -396,8 +400,9 @@ class OperationOut(BaseModel):
     state: Annotated[str, stated(enum=_values(OperationState))]
     trigger: Annotated[str, stated(enum=_values(Trigger))]
     policy_id: str | None
-    source_endpoint_id: str | None
-    new_endpoint_id: str | None
+    source_endpoint_id: str | None = Field(description="a remote migrate: the remote id")
+    new_endpoint_id: str | None = Field(description="a remote migrate: the remote id")
+    provider_id: str | None = Field(description="a remote migrate's provider")
     parent_id: str | None = Field(description="the bulk migrate this is a child of")
     children: ChildrenCounts | None = Field(
         default=None, description="a bulk migrate's children: in all and by state"
@@ -453,8 +458,9 @@ def operation_json(operation: Operation, children: dict[str, int] | None = None)
         "state": operation.state,
         "trigger": operation.trigger,
         "policy_id": _str(operation.policy_id),
-        "source_endpoint_id": _str(operation.source_endpoint_id),
-        "new_endpoint_id": _str(operation.new_endpoint_id),
+        "source_endpoint_id": _str(operation.source_endpoint_id or operation.remote_source_id),
+        "new_endpoint_id": _str(operation.new_endpoint_id or operation.remote_new_id),
+        "provider_id": _str(operation.provider_id),
         "parent_id": _str(operation.parent_id),
         **extra,
         "steps": [
@@ -470,17 +476,85 @@ def operation_json(operation: Operation, children: dict[str, int] | None = None)
             for step in operation.steps
         ],
         "deadline_at": _time(operation.deadline_at),
-        "error": {"code": operation.error_code, "message": operation.error_message or ""}
-        if operation.error_code
-        else None,
+        "error": _operation_error(operation),
         "created_at": rfc3339(operation.created_at),
         "updated_at": rfc3339(operation.updated_at),
         "finished_at": _time(operation.finished_at),
     }
 
 
+def _operation_error(operation: Operation) -> dict[str, Any] | None:
+    if not operation.error_code:
+        return None
+    error: dict[str, Any] = {"code": operation.error_code, "message": operation.error_message or ""}
+    if operation.error_details:
+        error["details"] = operation.error_details
+    return error
+
+
 def _str(value: object | None) -> str | None:
     return None if value is None else str(value)
+
+
+# --- remote providers --------------------------------------------------------------------------
+
+RemoteId = Annotated[str, Field(pattern=REMOTE_ID_PATTERN, description="the provider's own id")]
+ProviderName = Annotated[str, stated(minLength=1, maxLength=MAX_NAME)]
+BaseUrl = Annotated[
+    str, stated(minLength=1, maxLength=MAX_BASE_URL, pattern=r"^https?://[\x21-\x7e]+$")
+]
+ProviderKey = Annotated[str, stated(minLength=9, maxLength=MAX_API_KEY, pattern=r"^am_live_")]
+
+
+class ProviderCreate(_Strict):
+    """An account at another AgentMessage-compatible service; the key is checked there first."""
+
+    name: ProviderName
+    base_url: BaseUrl = Field(description="the service root; Rotator appends /v1/...")
+    api_key: ProviderKey = Field(description="stored encrypted, never returned")
+
+
+class ProviderUpdate(_Strict):
+    """Rename, or replace the key (checked against the provider first)."""
+
+    model_config = ConfigDict(json_schema_extra=_no_defaults)
+
+    name: ProviderName = ""
+    api_key: ProviderKey = ""
+
+
+class ProviderOut(BaseModel):
+    id: str
+    name: str
+    base_url: str
+    key_prefix: str
+    created_at: str
+    updated_at: str
+
+
+class ProviderList(BaseModel):
+    success: bool = True
+    data: list[ProviderOut]
+    meta: ListMeta
+
+
+class RemoteEndpointList(BaseModel):
+    """The provider's endpoints, as it lists them."""
+
+    success: bool = True
+    data: list[dict[str, Any]]
+    meta: ListMeta
+
+
+def provider_json(provider: Provider) -> dict[str, Any]:
+    return {
+        "id": str(provider.id),
+        "name": provider.name,
+        "base_url": provider.base_url,
+        "key_prefix": provider.key_prefix,
+        "created_at": rfc3339(provider.created_at),
+        "updated_at": rfc3339(provider.updated_at),
+    }
 
 
 # --- rotation policies -------------------------------------------------------------------------
@@ -504,6 +578,10 @@ class PolicyCreate(_Strict):
     max_concurrency: (
         Annotated[Integer, stated(minimum=CONCURRENCY_MIN, maximum=CONCURRENCY_MAX)] | None
     ) = Field(default=None, description="org_endpoints only: children at once (5)")
+    provider_id: uuid.UUID | None = Field(default=None, description="remote_endpoint only")
+    remote_endpoint_id: RemoteId | None = Field(
+        default=None, description="remote_endpoint only: the endpoint's id at the provider"
+    )
 
 
 class PolicyUpdate(_Strict):
@@ -530,6 +608,8 @@ class Policy(BaseModel):
     paused: bool
     handoff: HandoffName
     max_concurrency: int | None
+    provider_id: str | None
+    remote_endpoint_id: str | None = Field(description="followed to each migration's new id")
     next_run_at: str
     last_run_at: str | None
     last_operation_id: str | None
@@ -551,6 +631,8 @@ def policy_json(policy: RotationPolicy) -> dict[str, Any]:
         "paused": policy.paused,
         "handoff": policy.handoff,
         "max_concurrency": policy.max_concurrency,
+        "provider_id": _str(policy.provider_id),
+        "remote_endpoint_id": policy.remote_endpoint_id,
         "next_run_at": rfc3339(policy.next_run_at),
         "last_run_at": _time(policy.last_run_at),
         "last_operation_id": _str(policy.last_operation_id),

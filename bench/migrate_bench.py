@@ -414,7 +414,7 @@ PROFILE_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("  finish_probe", ("finish_probe (models/operation.py",)),
     ("    deliveries.record (the probe)", ("record (models/delivery.py",)),
     ("  attempt (the in-band handoff)", ("attempt (workers/deliveries.py",)),
-    ("  lock + load (operation, steps)", ("_lock_for_advance (models/operation.py",)),
+    ("  lock + load (operation, steps)", ("lock_for_advance (models/operation.py",)),
     ("  session.commit", ("commit (sqlalchemy/orm/session.py",)),
     ("  pool ping (idle connections)", ("_do_ping_w_event", "do_ping (sqlalchemy")),
     ("  publish after commit (kombu)", ("publish (workers/enqueue.py",)),

@@ -14,6 +14,7 @@ from models.operation import Operation, OperationStep
 from models.org import ApiKey, Organization
 from models.org_secret import OrgSecret
 from models.policy import RotationPolicy
+from models.provider import Provider
 from models.retention import INDEXES as RETENTION_INDEXES
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "OperationStep",
     "OrgSecret",
     "Organization",
+    "Provider",
     "RETENTION_INDEXES",
     "RotationPolicy",
     "WebhookEndpoint",

@@ -9,10 +9,19 @@ class DomainError(Exception):
     status: int = 400
     code: str = "BAD_REQUEST"
     message: str = "bad request"
+    retry_after: int | None = None  # seconds, sent as Retry-After when set
 
-    def __init__(self, message: str | None = None, *, details: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        details: Mapping[str, str] | None = None,
+        retry_after: int | None = None,
+    ):
         self.message = message or type(self).message
         self.details = dict(details) if details else None
+        if retry_after is not None:
+            self.retry_after = max(1, retry_after)
         super().__init__(self.message)
 
 
@@ -47,5 +56,10 @@ class RateLimited(DomainError):
     status, code, message = 429, "RATE_LIMITED", "rate limit exceeded"
 
     def __init__(self, retry_after: int):
-        super().__init__()
-        self.retry_after = max(1, retry_after)
+        super().__init__(retry_after=retry_after)
+
+
+class ProviderUnavailable(DomainError):
+    """A remote provider's API could not answer (docs/api.md, "Remote providers")."""
+
+    status, code, message = 502, "PROVIDER_UNAVAILABLE", "the provider did not answer"

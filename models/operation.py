@@ -69,6 +69,7 @@ class OperationKind(StrEnum):
     SCHEDULED_ROTATION = "scheduled_rotation"
     ORG_SECRET_ROTATION = "org_secret_rotation"  # noqa: S105 - a kind, not a secret
     BULK_MIGRATE = "bulk_migrate"
+    REMOTE_MIGRATE = "remote_migrate"  # an endpoint at a remote provider (models/remote.py)
 
 
 class OperationState(StrEnum):
@@ -121,6 +122,7 @@ MIGRATE_STEPS: tuple[Step, ...] = (
 )
 PROBE_STEPS = frozenset({Step.SEND_TEST_DELIVERY, Step.AWAIT_SUCCESS})
 DEADLINE_MIN_S, DEADLINE_MAX_S, DEADLINE_DEFAULT_S = 60, 86_400, 900
+REVEAL_RETRY_AFTER_S = 2  # a remote migrate's secret exists once the remote created it
 
 
 class Operation(IdMixin, Base):
@@ -146,6 +148,15 @@ class Operation(IdMixin, Base):
             sqlite_where=text("finished_at IS NULL"),
         ),
         Index("ix_operations_kind_state", "kind", "state"),  # /metrics counts by these
+        # At most one unfinished remote migrate per remote endpoint (models/remote.py).
+        Index(
+            "uq_operations_one_active_per_remote_source",
+            "provider_id",
+            "remote_source_id",
+            unique=True,
+            postgresql_where=text("finished_at IS NULL AND remote_source_id IS NOT NULL"),
+            sqlite_where=text("finished_at IS NULL AND remote_source_id IS NOT NULL"),
+        ),
         # A bulk migrate's children, in the order they start (models/bulk.py).
         Index("ix_operations_parent", "parent_id", "created_at", "id"),
         # The few operations still holding a secret, found when what they rotated changes.
@@ -178,11 +189,16 @@ class Operation(IdMixin, Base):
     deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The bulk migrate this operation is a child of.
     parent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("operations.id"))
+    # A remote migrate's provider, and the remote ids of its source and of what it created.
+    provider_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("providers.id"))
+    remote_source_id: Mapped[str | None] = mapped_column(String(64))
+    remote_new_id: Mapped[str | None] = mapped_column(String(64))
     # None while a child waits for room under its parent's max_concurrency.
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     next_advance_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(String(500))
+    error_details: Mapped[dict[str, str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -210,8 +226,13 @@ class Operation(IdMixin, Base):
     @property
     def old_endpoint_deleted(self) -> bool:
         """Past the point of no return: the old endpoint's deletion has committed."""
-        names = {step.name: step.state for step in self.steps}
-        return names.get(Step.DELETE_OLD_ENDPOINT) == StepState.SUCCEEDED
+        for step in self.steps:
+            if step.name == Step.DELETE_OLD_ENDPOINT:
+                # A remote delete is recorded as sent before it is sent (models/remote.py):
+                # from then on it may have happened, and only going forward is safe.
+                sent = self.kind == OperationKind.REMOTE_MIGRATE and step.attempts > 0
+                return step.state == StepState.SUCCEEDED or sent
+        return False
 
 
 class OperationStep(IdMixin, Base):
@@ -525,11 +546,17 @@ def reveal_secret(
                 "this operation no longer holds a secret: it did not succeed, or what it "
                 "rotated has since been deleted or rotated again"
             )
+        if operation.kind == OperationKind.REMOTE_MIGRATE:
+            raise Conflict(
+                "the new remote endpoint is not created yet; its secret can be revealed once it is",
+                retry_after=REVEAL_RETRY_AFTER_S,
+            )
         raise Conflict("this operation has not minted its new secret yet")
     secret = new_secret_of(session, operation)
     operation.secret_revealed = True
     operation.updated_at = clock.now()
-    if operation.finished:
+    # A remote migrate's workers never need the secret the remote minted: it goes now.
+    if operation.finished or operation.kind == OperationKind.REMOTE_MIGRATE:
         operation.new_secret_ciphertext = None
     return operation, secret
 
@@ -640,12 +667,13 @@ class Advance:
     ended_state: str | None = None  # set when this transition ended the operation
     parent_id: uuid.UUID | None = None  # the bulk migrate to tell when this child ends
     recorded: deliveries.DeliveryAttempt | None = None  # the probe attempt ``finish_probe`` logged
+    remote: bool = False  # a remote migrate: its steps are models.remote's
 
 
 NOTHING = Advance()
 
 
-def _reported(operation: Operation, before: dict[uuid.UUID, str], advance: Advance) -> Advance:
+def reported(operation: Operation, before: dict[uuid.UUID, str], advance: Advance) -> Advance:
     """``advance`` plus what changed since ``before`` (each step's state at the lock)."""
     finished = tuple(
         FinishedStep(
@@ -669,11 +697,11 @@ def _reported(operation: Operation, before: dict[uuid.UUID, str], advance: Advan
     )
 
 
-def _step_states(operation: Operation) -> dict[uuid.UUID, str]:
+def step_states(operation: Operation) -> dict[uuid.UUID, str]:
     return {step.id: step.state for step in operation.steps}
 
 
-def _lock_for_advance(session: Session, operation_id: uuid.UUID) -> Operation | None:
+def lock_for_advance(session: Session, operation_id: uuid.UUID) -> Operation | None:
     """The operation row and its step rows, locked and loaded by one query.
 
     The steps are locked too, not only joined: a query that waited for another transition's
@@ -698,7 +726,7 @@ _HELD = "rotator.operation.held"
 
 
 @contextmanager
-def _holding(session: Session) -> Iterator[None]:
+def holding(session: Session) -> Iterator[None]:
     """Keep every row the transition loads or inserts until it returns.
 
     The session's identity map holds rows weakly: a row a helper loaded and let go of (the new
@@ -722,12 +750,14 @@ def _hold(session: Session, instance: object) -> None:
 
 def begin_advance(session: Session, operation_id: uuid.UUID) -> Advance:
     """Run the operation's current step if it is due. Safe to call any number of times."""
-    with _holding(session):
-        operation = _lock_for_advance(session, operation_id)
+    with holding(session):
+        operation = lock_for_advance(session, operation_id)
         if operation is None or operation.finished:
             return NOTHING
-        before = _step_states(operation)
-        return _reported(operation, before, _begin(session, operation))
+        if operation.kind == OperationKind.REMOTE_MIGRATE:
+            return Advance(kind=operation.kind, remote=True)  # models.remote drives it
+        before = step_states(operation)
+        return reported(operation, before, _begin(session, operation))
 
 
 def _begin(session: Session, operation: Operation) -> Advance:
@@ -743,7 +773,7 @@ def _begin(session: Session, operation: Operation) -> Advance:
         return NOTHING  # a duplicate or early message; the scheduled one will come
     step = operation.current_step()
     if step is None:  # pragma: no cover - the last step finishes the operation
-        return _finish(operation, OperationState.SUCCEEDED, now)
+        return finish(operation, OperationState.SUCCEEDED, now)
     if operation.cancel_requested:  # the old endpoint is still live: roll back
         return _roll_back(session, operation, OperationState.CANCELED, now, None, None)
     if (
@@ -788,33 +818,33 @@ def _rotate_now(
                 session, operation.org_id, operation.source_endpoint_id, by=operation.id
             ).secret
         except (NotFound, Conflict) as exc:
-            _begin_step(step, now)
+            begin_step(step, now)
             return _roll_back(session, operation, OperationState.FAILED, now, exc.code, exc.message)
     else:
         secret = org_secret.rotate(session, operation.org_id).secret
     operation.new_secret_ciphertext = box_of(session).encrypt(
         base64.b64decode(secret), context=secret_context(operation.id)
     )
-    _begin_step(step, now)
-    _succeed_step(step, now)
-    return _finish(operation, OperationState.SUCCEEDED, now)
+    begin_step(step, now)
+    succeed_step(step, now)
+    return finish(operation, OperationState.SUCCEEDED, now)
 
 
-def _begin_step(step: OperationStep, now: datetime) -> None:
+def begin_step(step: OperationStep, now: datetime) -> None:
     step.state = StepState.RUNNING
     step.attempts += 1
     step.started_at = step.started_at or now
     step.next_attempt_at = None
 
 
-def _succeed_step(step: OperationStep, now: datetime) -> None:
+def succeed_step(step: OperationStep, now: datetime) -> None:
     step.state = StepState.SUCCEEDED
     step.finished_at = now
     step.next_attempt_at = None
     step.started_at = step.started_at or now
 
 
-def _advance_now(operation: Operation, now: datetime) -> Advance:
+def advance_now(operation: Operation, now: datetime) -> Advance:
     operation.next_advance_at = now
     return Advance(again_in=0.0)
 
@@ -836,12 +866,12 @@ def _create_endpoint(
                 over_limit_by=1 + _pairs_in_flight(session, operation),
             )
         except (ValidationFailed, NotFound, LimitExceeded) as exc:
-            _begin_step(step, now)
+            begin_step(step, now)
             return _roll_back(session, operation, OperationState.FAILED, now, exc.code, exc.message)
         operation.new_endpoint_id = created.endpoint.id
-    _begin_step(step, now)
-    _succeed_step(step, now)
-    return _advance_now(operation, now)
+    begin_step(step, now)
+    succeed_step(step, now)
+    return advance_now(operation, now)
 
 
 def _pairs_in_flight(session: Session, operation: Operation) -> int:
@@ -889,7 +919,7 @@ def _start_probe(
     # Signing needs nothing from the handoff, which the worker sends first.
     plan = deliveries.claim(session, probe_id)
     operation.probe_delivery_id = probe_id
-    _begin_step(step, now)
+    begin_step(step, now)
     # Leased while the test delivery is in flight, as long as the delivery itself: the
     # reconciler leaves the operation alone until then (plus its own reconcile_after).
     operation.next_advance_at = deliveries.lease_end(session, now)
@@ -943,14 +973,14 @@ def finish_probe(
     ``sent``: the attempt ``begin_advance`` claimed and what the receiver answered; it is
     recorded here, in the same transaction (whatever became of the operation meanwhile).
     """
-    with _holding(session):
-        operation = _lock_for_advance(session, operation_id)
+    with holding(session):
+        operation = lock_for_advance(session, operation_id)
         recorded = deliveries.record(session, *sent).attempt if sent is not None else None
         if operation is None or operation.finished or operation.probe_delivery_id is None:
             return replace(NOTHING, recorded=recorded)
-        before = _step_states(operation)
+        before = step_states(operation)
         advance = _finish_probe(session, operation, recorded)
-        return replace(_reported(operation, before, advance), recorded=recorded)
+        return replace(reported(operation, before, advance), recorded=recorded)
 
 
 def _finish_probe(
@@ -967,22 +997,22 @@ def _finish_probe(
         recorded = deliveries.last_attempt(session, probe.id)  # before the rows change
     operation.updated_at = now
     if probe.state == deliveries.DeliveryState.SUCCEEDED:
-        _succeed_step(step, now)
+        succeed_step(step, now)
         if step.name == Step.SEND_TEST_DELIVERY:
-            _succeed_step(operation.step(Step.AWAIT_SUCCESS), now)
+            succeed_step(operation.step(Step.AWAIT_SUCCESS), now)
         operation.state = OperationState.RUNNING
         operation.wait_seconds = 0.0
-        return _advance_now(operation, now)
+        return advance_now(operation, now)
     error = _describe(recorded)
     if step.name == Step.SEND_TEST_DELIVERY:
-        _succeed_step(step, now)  # sent; the waiting is the next step's
+        succeed_step(step, now)  # sent; the waiting is the next step's
         step.last_error = error
         step = operation.step(Step.AWAIT_SUCCESS)
         step.started_at = now
     step.state = StepState.RUNNING
     step.last_error = error
     if operation.cancel_requested:  # canceled while the probe was in flight: roll back now
-        return _advance_now(operation, now)
+        return advance_now(operation, now)
     settings = settings_of(session)
     wait = (
         settings.migrate_backoff_initial_seconds
@@ -1021,12 +1051,12 @@ def _delete_old_endpoint(
         from models.policy import follow_migration  # policies build on operations
 
         follow_migration(session, operation.source_endpoint_id, operation.new_endpoint_id)
-    _begin_step(step, now)
-    _succeed_step(step, now)
-    return _finish(operation, OperationState.SUCCEEDED, now)
+    begin_step(step, now)
+    succeed_step(step, now)
+    return finish(operation, OperationState.SUCCEEDED, now)
 
 
-def _finish(operation: Operation, state: OperationState, now: datetime) -> Advance:
+def finish(operation: Operation, state: OperationState, now: datetime) -> Advance:
     # The workers are done with the new secret. Kept only while it is the live secret of what
     # the operation made and nobody has seen it yet: reveal-secret is then its only way out.
     if operation.secret_revealed or state != OperationState.SUCCEEDED:
@@ -1057,9 +1087,16 @@ def _roll_back(
         # An unsent handoff (to the old endpoint, which stays live) must not go out later: it
         # would hand the receiver the secret of the endpoint just deleted.
         deliveries.close_probe(session, operation.handoff_delivery_id)
+    close_steps(operation, now, message)
+    operation.error_code, operation.error_message = code, message
+    return finish(operation, state, now)
+
+
+def close_steps(operation: Operation, now: datetime, message: str | None) -> None:
+    """The step in progress failed (with ``message``); the ones not reached are skipped."""
     current = operation.current_step()
     for step in operation.steps:
-        if step.state in (StepState.SUCCEEDED, StepState.SKIPPED):
+        if step.state in (StepState.SUCCEEDED, StepState.SKIPPED, StepState.FAILED):
             continue
         if step is current and step.state == StepState.RUNNING:
             step.state = StepState.FAILED
@@ -1068,8 +1105,6 @@ def _roll_back(
         else:
             step.state = StepState.SKIPPED
         step.next_attempt_at = None
-    operation.error_code, operation.error_message = code, message
-    return _finish(operation, state, now)
 
 
 def overdue(session: Session, *, older_than: timedelta, limit: int = 500) -> list[uuid.UUID]:

@@ -8,6 +8,7 @@ catch-up run, after which the schedule moves forward from now.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,8 +19,9 @@ from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from models import bulk, clock
+from models import bulk, clock, remote
 from models import operation as operations
+from models import provider as providers
 from models.base import Base, IdMixin, UTCDateTime
 from models.db import settings_of
 from models.endpoint import WebhookEndpoint, get_endpoint
@@ -34,6 +36,7 @@ class Target(StrEnum):
     ENDPOINT = "endpoint"
     ORG_SECRET = "org_secret"  # noqa: S105 - a target, not a secret
     ORG_ENDPOINTS = "org_endpoints"  # every active endpoint, one bulk migrate per run
+    REMOTE_ENDPOINT = "remote_endpoint"  # an endpoint at a remote provider (models/remote.py)
 
 
 class Strategy(StrEnum):
@@ -71,6 +74,14 @@ class RotationPolicy(IdMixin, Base):
             postgresql_where=text("deleted_at IS NULL AND target = 'org_endpoints'"),
             sqlite_where=text("deleted_at IS NULL AND target = 'org_endpoints'"),
         ),
+        Index(
+            "uq_rotation_policies_remote_endpoint",
+            "provider_id",
+            "remote_endpoint_id",
+            unique=True,
+            postgresql_where=text("deleted_at IS NULL AND target = 'remote_endpoint'"),
+            sqlite_where=text("deleted_at IS NULL AND target = 'remote_endpoint'"),
+        ),
         Index("ix_rotation_policies_due", "deleted_at", "paused", "next_run_at"),
         Index("ix_rotation_policies_org_created", "org_id", "created_at", "id"),
     )
@@ -82,6 +93,9 @@ class RotationPolicy(IdMixin, Base):
     interval_seconds: Mapped[int] = mapped_column(Integer)
     paused: Mapped[bool] = mapped_column(Boolean, default=False)
     handoff: Mapped[str] = mapped_column(String(16), default=Handoff.NONE)
+    # remote_endpoint: the provider and the remote id (followed to each migration's new one).
+    provider_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("providers.id"))
+    remote_endpoint_id: Mapped[str | None] = mapped_column(String(64))
     # org_endpoints: children of each run's bulk migrate active at once.
     max_concurrency: Mapped[int | None] = mapped_column(Integer)
     next_run_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -103,7 +117,7 @@ def _check(
     problems: dict[str, str] = {}
     target, strategy, handoff = values["target"], values["strategy"], values["handoff"]
     if target not in {t.value for t in Target}:
-        problems["target"] = "must be endpoint, org_secret or org_endpoints"
+        problems["target"] = "must be endpoint, org_secret, org_endpoints or remote_endpoint"
     if strategy not in {s.value for s in Strategy}:
         problems["strategy"] = "must be safe_migrate or rotate"
     if handoff not in {h.value for h in Handoff}:
@@ -137,6 +151,12 @@ def _check(
             problems["endpoint_id"] = "must be omitted for an org_endpoints policy"
         if strategy != Strategy.SAFE_MIGRATE:
             problems["strategy"] = "an org_endpoints policy safe-migrates"
+    elif target == Target.REMOTE_ENDPOINT:
+        problems.update(_check_remote(session, org_id, values, new=new))
+    if target != Target.REMOTE_ENDPOINT:
+        for name in ("provider_id", "remote_endpoint_id"):
+            if values.get(name) is not None:
+                problems[name] = "only for a remote_endpoint policy"
     concurrency = values.get("max_concurrency")
     if concurrency is not None:
         if target != Target.ORG_ENDPOINTS:
@@ -153,6 +173,31 @@ def _check(
     return problems
 
 
+def _check_remote(
+    session: Session, org_id: uuid.UUID, values: dict[str, Any], *, new: bool
+) -> dict[str, str]:
+    problems: dict[str, str] = {}
+    if values["endpoint_id"] is not None:
+        problems["endpoint_id"] = "must be omitted for a remote_endpoint policy"
+    if values["strategy"] != Strategy.SAFE_MIGRATE:
+        problems["strategy"] = "a remote_endpoint policy safe-migrates"
+    if values["handoff"] != Handoff.NONE:
+        problems["handoff"] = "in-band handoff does not apply to remote endpoints"
+    if values.get("provider_id") is None:
+        problems["provider_id"] = "is required for a remote_endpoint policy"
+    elif new:
+        try:
+            providers.get(session, org_id, values["provider_id"])
+        except NotFound:
+            problems["provider_id"] = "must be a provider of your organization"
+    remote_id = values.get("remote_endpoint_id")
+    if remote_id is None:
+        problems["remote_endpoint_id"] = "is required for a remote_endpoint policy"
+    elif not isinstance(remote_id, str) or not re.fullmatch(providers.REMOTE_ID_PATTERN, remote_id):
+        problems["remote_endpoint_id"] = "must be an endpoint id of that provider"
+    return problems
+
+
 def create_policy(session: Session, org_id: uuid.UUID, **fields: Any) -> RotationPolicy:
     values: dict[str, Any] = {
         "endpoint_id": None,
@@ -160,6 +205,8 @@ def create_policy(session: Session, org_id: uuid.UUID, **fields: Any) -> Rotatio
         if fields.get("target") == Target.ORG_SECRET
         else Strategy.SAFE_MIGRATE,
         "max_concurrency": None,
+        "provider_id": None,
+        "remote_endpoint_id": None,
         "paused": False,
         "handoff": Handoff.NONE,
         "next_run_at": None,
@@ -174,6 +221,8 @@ def create_policy(session: Session, org_id: uuid.UUID, **fields: Any) -> Rotatio
         org_id=org_id,
         target=values["target"],
         endpoint_id=values["endpoint_id"],
+        provider_id=values["provider_id"],
+        remote_endpoint_id=values["remote_endpoint_id"],
         strategy=values["strategy"],
         interval_seconds=values["interval_seconds"],
         paused=bool(values["paused"]),
@@ -232,6 +281,8 @@ def update_policy(
     values = {
         "target": policy.target,
         "endpoint_id": policy.endpoint_id,
+        "provider_id": policy.provider_id,
+        "remote_endpoint_id": policy.remote_endpoint_id,
         "strategy": policy.strategy,
         "interval_seconds": policy.interval_seconds,
         "paused": policy.paused,
@@ -289,6 +340,23 @@ def follow_migration(
     )
 
 
+def follow_remote_migration(session: Session, operation_id: uuid.UUID) -> None:
+    """After a remote migrate succeeds, the policy of its old remote endpoint rotates the new
+    one next (in the transaction that records the old one deleted)."""
+    operation = session.get(operations.Operation, operation_id)
+    if operation is None or operation.remote_new_id is None:  # pragma: no cover - succeeded
+        return
+    session.execute(
+        update(RotationPolicy)
+        .where(
+            RotationPolicy.provider_id == operation.provider_id,
+            RotationPolicy.remote_endpoint_id == operation.remote_source_id,
+            RotationPolicy.deleted_at.is_(None),
+        )
+        .values(remote_endpoint_id=operation.remote_new_id, updated_at=clock.now())
+    )
+
+
 # --- the tick ---------------------------------------------------------------------------------
 
 
@@ -325,8 +393,9 @@ def run_due(session: Session, *, limit: int = 100) -> list[Run]:
         try:
             with session.begin_nested():
                 operation, started = _start(session, policy, due_at)
-        except (Conflict, ValidationFailed):
-            # The last run is still going, or (org_endpoints) no endpoint is active: skip.
+        except (Conflict, NotFound, ValidationFailed):
+            # The last run is still going, (org_endpoints) no endpoint is active, or
+            # (remote_endpoint) its provider was deleted: skip.
             runs.append(Run(policy.id, None))
             continue
         except IntegrityError:
@@ -361,6 +430,19 @@ def _start(
 def _start_operation(
     session: Session, policy: RotationPolicy, due_at: datetime
 ) -> operations.Operation:
+    if policy.target == Target.REMOTE_ENDPOINT:
+        if policy.provider_id is None or policy.remote_endpoint_id is None:  # pragma: no cover
+            raise Conflict("policy has no remote endpoint")
+        return remote.start(
+            session,
+            policy.org_id,
+            policy.provider_id,
+            policy.remote_endpoint_id,
+            trigger=operations.Trigger.SCHEDULE,
+            policy_id=policy.id,
+            scheduled_for=due_at,
+            deadline_seconds=settings_of(session).scheduled_migrate_deadline_seconds,
+        )
     if policy.target == Target.ORG_SECRET:
         return operations.start_rotation(
             session, policy.org_id, None, policy_id=policy.id, scheduled_for=due_at
@@ -387,3 +469,13 @@ def _start_operation(
         scheduled_for=due_at,
         deadline_seconds=settings_of(session).scheduled_migrate_deadline_seconds,
     ).operation
+
+
+def end_policies_for_provider(session: Session, provider_id: uuid.UUID) -> None:
+    """A deleted provider takes the policies of its remote endpoints with it."""
+    now = clock.now()
+    session.execute(
+        update(RotationPolicy)
+        .where(RotationPolicy.provider_id == provider_id, RotationPolicy.deleted_at.is_(None))
+        .values(deleted_at=now, updated_at=now)
+    )

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from models import endpoint, idempotency, operation, org_secret
+from models import endpoint, idempotency, operation, org_secret, provider
 from models.db import box_of
 
 
@@ -39,6 +39,7 @@ ENCRYPTED_COLUMNS: tuple[EncryptedColumn, ...] = (
     EncryptedColumn(org_secret.OrgSecret.secret_ciphertext, org_secret.secret_context),
     EncryptedColumn(operation.Operation.new_secret_ciphertext, operation.secret_context),
     EncryptedColumn(idempotency.IdempotencyKey.response_ciphertext, idempotency.response_context),
+    EncryptedColumn(provider.Provider.key_ciphertext, provider.key_context),
 )
 
 

@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     # Safe migrate: test deliveries back off from the first wait, doubling up to the last.
     migrate_backoff_initial_seconds: float = Field(default=5.0, gt=0)
     migrate_backoff_max_seconds: float = Field(default=60.0, gt=0)
+    # Remote providers (docs/api.md, "Remote providers"): each call to a remote
+    # AgentMessage-compatible API ends within this, connect to last byte. Longer than the
+    # remote's own test-delivery timeout, since its /test answers only once its receiver has.
+    provider_timeout_seconds: float = Field(default=30.0, gt=0, le=120)
     # The shortest rotation-policy interval accepted (docs/api.md: 60; tests shorten it).
     policy_min_interval_seconds: int = Field(default=60, ge=1)
     # How long a scheduled safe migrate waits for its receiver before rolling back.

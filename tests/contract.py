@@ -10,6 +10,7 @@ OPERATION_FIELDS = {
     "policy_id",
     "source_endpoint_id",
     "new_endpoint_id",
+    "provider_id",
     "parent_id",
     "steps",
     "deadline_at",

@@ -32,6 +32,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC
@@ -55,8 +56,11 @@ __all__ = [
     "SendResult",
     "Sender",
     "blocked_reason",
+    "describe_failure",
+    "guarded_client",
     "parse_retry_after",
     "resolve_host",
+    "total_deadline",
 ]
 
 EXCERPT_BYTES = 2048
@@ -678,3 +682,41 @@ class Sender:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# --- other outbound calls ------------------------------------------------------------------------
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The short fixed phrase a failed request is logged and recorded as (never its message)."""
+    return _describe(exc)
+
+
+@contextmanager
+def total_deadline(seconds: float) -> Iterator[None]:
+    """Every connect, read and write of a guarded client in the block ends ``seconds`` from now,
+    however the other side drips its bytes: the total deadline of one call."""
+    token = _deadline.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def guarded_client(settings: Settings, *, timeout_s: float) -> httpx.Client:
+    """An HTTP client for calls other than deliveries (a remote provider's API) that obeys the
+    same destination rules: the settings' insecure-URL switch and allowed private networks,
+    checked on the connected address; no redirects; no proxy from the environment. Bound each
+    call with :func:`total_deadline`."""
+    transport = _build_transport(
+        allow_private=settings.allow_insecure_urls,
+        allowed_networks=settings.allowed_private_networks,
+        max_connections=2,
+    )
+    return httpx.Client(
+        transport=transport,
+        timeout=httpx.Timeout(timeout_s),
+        follow_redirects=False,
+        trust_env=False,
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+    )

@@ -7,14 +7,16 @@ import uuid
 
 from sqlalchemy.orm import Session
 
-from models import bulk
+from models import bulk, remote
 from models import operation as operations
+from models import policy as policies
 from models.db import Database, get_database
 from rotator import logs, metrics
 from workers.app import app
 from workers.deliveries import attempt
 from workers.enqueue import send_after_commit
 from workers.names import TaskName
+from workers.remote import perform
 from workers.sending import report_attempt, sender_for
 
 log = logging.getLogger("rotator.operations")
@@ -31,6 +33,9 @@ def advance(db: Database, operation_id: uuid.UUID) -> None:
             step = operations.begin_advance(session, operation_id)
             _schedule(session, operation_id, step)
             _tell_parent(session, step)
+        if step.remote:
+            _advance_remote(db, operation_id)
+            return
         _report(db, step, "probe_sent" if step.probe_delivery_id is not None else None)
         if step.probe_delivery_id is None:
             return
@@ -47,6 +52,23 @@ def advance(db: Database, operation_id: uuid.UUID) -> None:
         if after.recorded is not None:
             report_attempt(db, after.recorded)
         _report(db, after, "waiting" if after.again_in is not None else None)
+
+
+def _advance_remote(db: Database, operation_id: uuid.UUID) -> None:
+    """A remote migrate's step: one call to the provider between two transactions, the first
+    recording that it is about to be made (models/remote.py)."""
+    with db.session() as session:
+        call, began = remote.begin(session, operation_id)
+    _report(db, began, None)
+    if call is None:
+        return
+    reply = perform(db.settings, call)
+    with db.session() as session:
+        after = remote.record(session, operation_id, call, reply)
+        _schedule(session, operation_id, after)
+        if after.ended_state == operations.OperationState.SUCCEEDED:
+            policies.follow_remote_migration(session, operation_id)
+    _report(db, after, "waiting" if after.again_in else None)
 
 
 def _schedule(session: Session, operation_id: uuid.UUID, step: operations.Advance) -> None:
