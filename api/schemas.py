@@ -39,6 +39,7 @@ from models.operation import (
     StepState,
     Trigger,
 )
+from models.org import API_KEY_PREFIX
 from models.pagination import CURSOR_PATTERN
 from models.policy import MAX_INTERVAL_S, Handoff, RotationPolicy, Strategy, Target
 from models.provider import MAX_API_KEY, MAX_BASE_URL, MAX_NAME, REMOTE_ID_PATTERN, Provider
@@ -503,7 +504,9 @@ ProviderName = Annotated[str, stated(minLength=1, maxLength=MAX_NAME)]
 BaseUrl = Annotated[
     str, stated(minLength=1, maxLength=MAX_BASE_URL, pattern=r"^https?://[\x21-\x7e]+$")
 ]
-ProviderKey = Annotated[str, stated(minLength=9, maxLength=MAX_API_KEY, pattern=r"^am_live_")]
+ProviderKey = Annotated[
+    str, stated(maxLength=MAX_API_KEY, pattern=rf"^{API_KEY_PREFIX}[\x21-\x7e]+$")
+]
 
 
 class ProviderCreate(_Strict):

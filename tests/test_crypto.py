@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import LargeBinary, select, text
 
 from models import Base
+from models import provider as providers
 from models.crypto import DecryptionError, SecretBox
 from models.db import Database, get_database, set_database
 from models.endpoint import create_endpoint, signing_key
@@ -73,6 +74,7 @@ def test_reencrypt_moves_every_endpoint_secret_to_the_first_key(database, settin
                 "org_secrets": 0,
                 "operations": 0,
                 "idempotency_keys": 0,
+                "providers": 0,
             }
         with rotated.session() as session:
             assert reencrypt_all(session) == {
@@ -80,6 +82,7 @@ def test_reencrypt_moves_every_endpoint_secret_to_the_first_key(database, settin
                 "org_secrets": 0,
                 "operations": 0,
                 "idempotency_keys": 0,
+                "providers": 0,
             }
         only_new = Database(settings.model_copy(update={"encryption_keys": [new_key]}))
         try:
@@ -148,6 +151,14 @@ def test_reencrypt_reseals_every_registered_column_and_a_retry_still_replays(
     ).json()
     first = client.post(f"/v1/webhooks/{source['id']}/migrate", headers=headers)
     assert first.status_code == 202, first.text
+    with database.session() as session:
+        providers.create(
+            session,
+            tenant.org_id,
+            name="elsewhere",
+            base_url="https://provider.example.com",
+            api_key="am_live_" + "k" * 34,
+        )
     before = _sealed_rows(database)
     assert all(before.values()), before  # every registered column has something to re-seal
 

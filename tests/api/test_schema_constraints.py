@@ -82,7 +82,12 @@ def test_migrate_and_policy_bodies_state_their_ranges(openapi) -> None:
     header = _parameter(openapi, "/v1/webhooks/{endpoint_id}/migrate", "post", "Idempotency-Key")
     assert (header["maxLength"], header["pattern"]) == (255, KEY_PATTERN)
     policy = _body_schema(openapi, "/v1/rotation-policies", "post")["properties"]
-    assert sorted(policy["target"]["enum"]) == ["endpoint", "org_endpoints", "org_secret"]
+    assert sorted(policy["target"]["enum"]) == [
+        "endpoint",
+        "org_endpoints",
+        "org_secret",
+        "remote_endpoint",
+    ]
     assert policy["interval_seconds"]["minimum"] == 60
     bulk = _body_schema(openapi, "/v1/webhooks/migrate", "post")["properties"]
     concurrency = bulk["max_concurrency"]

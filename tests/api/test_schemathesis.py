@@ -42,6 +42,7 @@ from sqlalchemy import select
 
 from api.app import create_app
 from models import clock
+from models import provider as providers
 from models.db import Database
 from models.delivery import Delivery, DeliveryAttempt, Event
 from models.endpoint import WebhookEndpoint, create_endpoint
@@ -53,8 +54,14 @@ from tests.api.helpers import ULID_RE
 from tests.factories import Tenant
 
 ERROR_FIELDS = {"code", "message", "request_id", "details"}
-# Operations that would make real outbound HTTP calls (test deliveries) are left to their own tests.
-SKIPPED_OPERATIONS = {"POST /v1/webhooks/{endpoint_id}/test"}
+# Operations that make real outbound HTTP calls (test deliveries, calls to a remote provider)
+# are left to their own tests (tests/operations/test_remote_migrate.py for the providers').
+SKIPPED_OPERATIONS = {
+    "POST /v1/webhooks/{endpoint_id}/test",
+    "POST /v1/providers",
+    "PATCH /v1/providers/{provider_id}",
+    "GET /v1/providers/{provider_id}/webhooks",
+}
 _SPEC = {
     label: operation
     for path, methods in create_app().openapi()["paths"].items()
@@ -122,6 +129,13 @@ def _fuzzed_tenant(database: Database) -> Fuzzed:
         policy = create_policy(
             session, org.id, target="endpoint", endpoint_id=endpoints[2].id, interval_seconds=3600
         )
+        provider = providers.create(
+            session,
+            org.id,
+            name="elsewhere",
+            base_url="https://provider.example.com",
+            api_key="am_live_" + "f" * 34,
+        )
         event = Event(
             id=new_event_id(), org_id=org.id, type="brand.vetted", data={}, created_at=now
         )
@@ -168,6 +182,7 @@ def _fuzzed_tenant(database: Database) -> Fuzzed:
             "operation_id": str(operation.id),
             "ended_operation_id": str(ended.id),
             "policy_id": str(policy.id),
+            "provider_id": str(provider.id),
             "delivery_id": str(attempt.id),
         },
         database=database,
@@ -197,13 +212,26 @@ def _arrange(label: str, case: Any, fuzzed: Fuzzed, number: int, *, aim: bool = 
         if body.get("events") is not None:
             body["events"] = ["brand.vetted"]
     if label == "POST /v1/rotation-policies" and isinstance(body, dict):
-        # max_concurrency belongs to org_endpoints policies only.
+        # max_concurrency belongs to org_endpoints policies only; a provider and a remote id
+        # to remote_endpoint policies, which safe-migrate without handoff.
         if body.get("target") != "org_endpoints":
             body.pop("max_concurrency", None)
+        if body.get("target") == "remote_endpoint":
+            body.pop("endpoint_id", None)
+            body["provider_id"] = fuzzed.ids["provider_id"]
+            body["remote_endpoint_id"] = f"remote-{number}"
+            body["handoff"] = "none"
+            if body.get("strategy") is not None:
+                body["strategy"] = "safe_migrate"
+        else:
+            body.pop("provider_id", None)
+            body.pop("remote_endpoint_id", None)
         if body.get("target") == "org_endpoints":
             body.pop("endpoint_id", None)
             if body.get("strategy") is not None:
                 body["strategy"] = "safe_migrate"
+        elif body.get("target") == "remote_endpoint":
+            pass
         elif body.get("target") == "org_secret":
             body.pop("endpoint_id", None)
             if body.get("strategy") is not None:
@@ -369,9 +397,9 @@ def test_links_between_operations_hold(api_schema: Any, database: Any) -> None:
     then read, patched, migrated; the migration's operation read and canceled; policies;
     deliveries replayed), with its checks on every step, use-after-free included. Each scenario
     has an organization of its own. The event stream is left out (it lasts as long as its
-    operation) and so is the test delivery."""
+    operation) and so are the test delivery and the providers' routes (calls out)."""
     steps: list[tuple[str, int]] = []
-    machine = api_schema.exclude(path_regex=r"/(events|test)$").as_state_machine()
+    machine = api_schema.exclude(path_regex=r"/(events|test)$|^/v1/providers").as_state_machine()
 
     class Links(machine):  # type: ignore[misc,valid-type]
         fuzzed: Fuzzed

@@ -138,7 +138,8 @@ def test_a_provider_is_registered_with_a_key_the_remote_accepts_and_never_shows_
     assert shown.json()["key_prefix"] == remote_tenant.api_key[:12]
     with database.session() as session:
         row = session.get(Provider, uuid.UUID(provider_id))
-        assert row is not None and row.key_ciphertext is not None
+        assert row is not None
+        assert row.key_ciphertext is not None
         assert remote_tenant.api_key.encode() not in row.key_ciphertext
     listed = client.get(f"/v1/providers/{provider_id}/webhooks", headers=tenant.headers)
     assert listed.status_code == 200, listed.text
@@ -176,9 +177,7 @@ def test_a_key_the_remote_refuses_or_a_remote_that_does_not_answer_is_a_422(
         assert session.scalars(select(Provider)).all() == []
 
 
-def test_listing_through_a_provider_that_fails_is_a_502(
-    client, tenant, remote_tenant, proxy, old
-):
+def test_listing_through_a_provider_that_fails_is_a_502(client, tenant, remote_tenant, proxy, old):
     provider_id = register(client, tenant, proxy, remote_tenant)
     proxy.fail("GET", "/v1/webhooks", 500)
     listed = client.get(f"/v1/providers/{provider_id}/webhooks", headers=tenant.headers)
@@ -295,7 +294,8 @@ def test_cancel_deletes_the_new_remote_endpoint_and_keeps_the_old(
     for _ in range(5):
         advance(database, uuid.UUID(operation_id))
     waiting = load(database, operation_id)
-    assert waiting.state == "awaiting_receiver" and waiting.remote_new_id is not None
+    assert waiting.state == "awaiting_receiver"
+    assert waiting.remote_new_id is not None
 
     canceled = client.post(f"/v1/operations/{operation_id}/cancel", headers=tenant.headers)
     assert canceled.status_code == 202, canceled.text
@@ -325,7 +325,8 @@ def test_a_key_revoked_at_the_provider_fails_the_operation_naming_what_it_left(
 
     assert done.state == "failed"
     assert done.error_code == "PROVIDER_UNAUTHORIZED"
-    assert done.error_details is not None and created in done.error_details["new_endpoint_id"]
+    assert done.error_details is not None
+    assert created in done.error_details["new_endpoint_id"]
     shown = client.get(f"/v1/operations/{operation_id}", headers=tenant.headers).json()
     assert created in shown["error"]["details"]["new_endpoint_id"]
     assert remote_tenant.api_key not in str(shown)
@@ -377,11 +378,13 @@ def test_a_remote_endpoint_policy_migrates_on_schedule_and_follows_the_new_id(
     assert created.json()["remote_endpoint_id"] == old["id"]
     with database.session() as session:
         runs = run_due(session)
-    assert len(runs) == 1 and runs[0].operation_id is not None
+    assert len(runs) == 1
+    assert runs[0].operation_id is not None
 
     done = drive(database, str(runs[0].operation_id))
 
-    assert done.state == "succeeded" and done.trigger == "schedule"
+    assert done.state == "succeeded"
+    assert done.trigger == "schedule"
     with database.session() as session:
         policy = session.scalars(select(RotationPolicy)).one()
         assert policy.remote_endpoint_id == done.remote_new_id

@@ -25,6 +25,8 @@ POLICY_FIELDS = {
     "last_run_at",
     "last_operation_id",
     "max_concurrency",
+    "provider_id",
+    "remote_endpoint_id",
 }
 MISSING_ID = "0190a1b2-0000-7000-8000-000000000000"
 DAY_S = 86_400
