@@ -392,4 +392,6 @@ def test_a_remote_endpoint_policy_migrates_on_schedule_and_follows_the_new_id(
     assert gone.status_code == 204
     with database.session() as session:
         assert session.scalars(select(RotationPolicy)).one().deleted_at is not None
-        assert session.get(Provider, uuid.UUID(provider_id)).key_ciphertext is None  # type: ignore[union-attr]
+        forgotten = session.get(Provider, uuid.UUID(provider_id))
+        assert forgotten is not None
+        assert forgotten.key_ciphertext is None  # a deleted provider keeps no key
