@@ -14,11 +14,12 @@ from datetime import datetime
 from typing import TextIO
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from models import clock
 from models.db import Database
 from models.operation import TERMINAL_STATES, Operation, OperationKind, OperationState, StepState
+from models.provider import Provider
 
 EXIT_SUCCEEDED, EXIT_ENDED_OTHERWISE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 130
 _STEP_MARKS = {
@@ -112,6 +113,19 @@ def _unfinished(kids: Sequence[Operation]) -> list[str]:
     return lines
 
 
+def _endpoints(operation: Operation, none_yet: str) -> str:
+    """Old -> new; a remote migrate's remote ids, at its provider (named)."""
+    source = operation.source_endpoint_id or operation.remote_source_id
+    new = operation.new_endpoint_id or operation.remote_new_id or none_yet
+    pair = f"{source} -> {new}"
+    session = object_session(operation)
+    if operation.provider_id is None or session is None:
+        return pair
+    provider = session.get(Provider, operation.provider_id)
+    name = provider.name if provider is not None else "?"
+    return f"{pair} at provider {name!r} ({operation.provider_id})"
+
+
 def render(operation: Operation, kids: Sequence[Operation] = ()) -> str:
     head = [
         f"operation {operation.id}  {operation.kind}  trigger={operation.trigger}",
@@ -133,7 +147,7 @@ def render(operation: Operation, kids: Sequence[Operation] = ()) -> str:
         return "\n".join(lines) + "\n"
     lines = [
         *head,
-        f"endpoints {operation.source_endpoint_id} -> {operation.new_endpoint_id or '(not yet)'}",
+        f"endpoints {_endpoints(operation, '(not yet)')}",
         f"deadline  {_short(operation.deadline_at)} ({_in(operation.deadline_at)})",
         "",
         f"    {'STEP':21} {'STATE':10} {'TRIES':>5}  {'NEXT ATTEMPT':14} LAST ERROR",
@@ -152,7 +166,7 @@ def _facts(operation: Operation, kids: Sequence[Operation] = ()) -> dict[str, st
     """What ``watch`` reports line by line off a terminal, in the order it prints them: the
     endpoints, each step (state, tries, last error), then the operation's state (and error).
     Relative times are left out: they change on every poll without anything happening."""
-    facts = {"endpoints": f"{operation.source_endpoint_id} -> {operation.new_endpoint_id or '-'}"}
+    facts = {"endpoints": _endpoints(operation, "-")}
     if operation.kind == OperationKind.BULK_MIGRATE:
         facts = {"children": _counts(kids)}
         for child in kids:

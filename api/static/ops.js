@@ -23,6 +23,7 @@
     scheduled_rotation: 'Scheduled rotation',
     org_secret_rotation: 'Org secret rotation',
     bulk_migrate: 'Bulk migrate',
+    remote_migrate: 'Remote migrate',
   };
   // A bulk migrate's children, in the order its progress bar shows them.
   const CHILD_STATES = ['succeeded', 'rolled_back', 'failed', 'canceled', 'awaiting_receiver', 'running', 'pending'];
@@ -429,8 +430,10 @@
     const progressText = el('span', { class: 'progress-text muted', dataset: { testid: 'op-progress-text' } });
     const source = el('span', { class: 'mono', dataset: { testid: 'op-source' } });
     const target = el('span', { class: 'mono', dataset: { testid: 'op-target' } });
+    const provider = el('div', { class: 'op-sub', dataset: { testid: 'op-provider' } });
     const endpoints = el('td', { dataset: { testid: 'op-endpoints' } },
-      el('span', { class: 'endpoints' }, source, el('span', { class: 'arrow', 'aria-hidden': 'true' }, '→'), target));
+      el('span', { class: 'endpoints' }, source, el('span', { class: 'arrow', 'aria-hidden': 'true' }, '→'), target),
+      provider);
     const created = timeCell('op-created');
     const updated = timeCell('op-updated');
     const cancel = el('button', { type: 'button', class: 'btn btn-danger btn-sm', dataset: { testid: 'op-cancel' } }, 'Cancel');
@@ -471,7 +474,7 @@
     const tbody = el('tbody', { class: 'op', dataset: { testid: 'op', opId: id } }, main, detail);
     const view = {
       id, tbody, main, detail, kind, idLine, trigger, stateBadge, live, segments, progressText,
-      source, target, created, updated, cancel, toggle, actionError, opError, facts, stepsBody,
+      source, target, provider, created, updated, cancel, toggle, actionError, opError, facts, stepsBody,
       stepRows: [], signature: null, confirmTimer: null, confirming: false, busy: false,
     };
 
@@ -593,6 +596,7 @@
   }
 
   function renderEndpoints(view, operation) {
+    view.provider.textContent = '';
     if (operation.children) {
       view.source.textContent = `${operation.children.total} endpoints`;
       view.source.title = '';
@@ -613,6 +617,30 @@
     view.target.textContent = operation.new_endpoint_id ? shortId(operation.new_endpoint_id) : 'not yet created';
     view.target.classList.toggle('muted', !operation.new_endpoint_id);
     view.target.title = operation.new_endpoint_id ? `new endpoint ${operation.new_endpoint_id}` : '';
+    if (operation.provider_id) {
+      view.provider.textContent = `at ${providerName(operation.provider_id)}`;
+      view.source.title += ` at provider ${operation.provider_id}`;
+    }
+  }
+
+  // A remote migrate names its provider: names are fetched once per provider and page.
+  const providerNames = new Map();
+  function providerName(id) {
+    if (!providerNames.has(id)) {
+      providerNames.set(id, shortId(id));
+      api(`/v1/providers/${encodeURIComponent(id)}`)
+        .then((response) => response.json())
+        .then((provider) => {
+          providerNames.set(id, provider.name);
+          for (const view of state.views.values()) {
+            if (state.ops.get(view.id)?.provider_id === id) {
+              view.provider.textContent = `at ${provider.name}`;
+            }
+          }
+        })
+        .catch(() => {}); // a deleted provider keeps its short id
+    }
+    return providerNames.get(id);
   }
 
   function fact(label, value, testid, options = {}) {

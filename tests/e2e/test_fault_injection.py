@@ -10,6 +10,7 @@ what is already done, and the migration ends with exactly one live endpoint, the
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -25,20 +26,26 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import redis
 from celery import Celery
 from sqlalchemy import Connection, func, select, text
 
-from models import bulk, clock
+from models import bulk, clock, remote
 from models import operation as operations
+from models import provider as providers
 from models.db import Database
-from models.endpoint import WebhookEndpoint, create_endpoint
+from models.endpoint import WebhookEndpoint, create_endpoint, signing_key
 from models.operation import Operation, OperationState, Step, StepState
-from models.org import create_org
+from models.org import Scope, create_org
 from receiver import DemoReceiver, serve
 from rotator.settings import Settings
+from tests.factories import Tenant, make_tenant
+from tests.live import serve_api
 from tests.processes import rotator_env, start_beat, start_worker, stop
+from tests.providers import provider_proxy
+from tests.receivers import scripted_receiver
 from tests.services import RedisServer
 from tests.support import BACKEND, overridden, settings_env
 from workers.app import celery_config
@@ -479,6 +486,93 @@ def test_worker_killed_mid_step_the_migration_still_ends_swapped(
 
 
 # --- FLUSHALL -----------------------------------------------------------------------------------
+
+
+# --- SIGKILL between a remote create and its commit ----------------------------------------------
+
+PROVIDER_TIMEOUT_S = 3.0
+# The killed worker's lease on the operation (models/remote.py: two call timeouts and 5 s), the
+# reconciler's wait and tick, then the find, rotate, test and delete calls.
+REMOTE_BOUND_S = 2 * PROVIDER_TIMEOUT_S + 5 + RECONCILE_AFTER_S + 25.0
+
+
+@pytest.mark.parametrize(
+    "worker_overrides", [{"ROTATOR_PROVIDER_TIMEOUT_SECONDS": str(PROVIDER_TIMEOUT_S)}]
+)
+def test_worker_killed_between_a_remote_create_and_its_commit_leaves_one_new_endpoint(
+    database: Database, stack: Stack, publisher: Celery
+) -> None:
+    """The remote provider (a Rotator API, another organization's account) creates the new
+    endpoint; the worker is SIGKILLed before the answer, the only one showing the new secret,
+    reaches it. The next worker finds the created endpoint at the provider and rotates its
+    secret there: one new remote endpoint, whose secret the operation reveals."""
+    org_id = _new_org(database)
+    account = make_tenant(database, name="account at the provider")
+    killed = threading.Event()
+
+    def kill() -> None:
+        stack.kill_worker()
+        killed.set()
+
+    with (
+        scripted_receiver(200) as accepting,
+        serve_api("remote-provider") as remote_url,
+        provider_proxy(remote_url) as proxy,
+    ):
+        at_remote = httpx.post(
+            f"{remote_url}/v1/webhooks",
+            json={"url": accepting.url, "events": ["brand.vetted"]},
+            headers=account.headers,
+        )
+        assert at_remote.status_code == 201, at_remote.text
+        old_id = at_remote.json()["id"]
+        with database.session() as session:
+            provider = providers.create(
+                session, org_id, name="remote", base_url=proxy.url, api_key=account.api_key
+            )
+            operation_id = remote.start(session, org_id, provider.id, old_id).id
+        proxy.lose_answer("POST", "/v1/webhooks", then=kill)
+        _publish_advance(publisher, operation_id)
+        assert killed.wait(30), f"the create never reached the provider\n{stack.worker_log()}"
+        created = [item for item in _remote_ids(remote_url, account) if item != old_id]
+        assert len(created) == 1  # the provider did create it
+        assert _operation(database, operation_id).remote_new_id is None  # never recorded
+        killed_at = time.monotonic()
+        stack.start_worker(stack.overrides)
+
+        try:
+            _wait(
+                lambda: _operation(database, operation_id).finished,
+                REMOTE_BOUND_S - (time.monotonic() - killed_at),
+                "remote migrate finished after the worker died",
+                step=0.25,
+            )
+        except TimeoutError:
+            operation = _operation(database, operation_id)
+            pytest.fail(
+                f"stuck in {operation.state} {[s.state for s in operation.steps]}\n"
+                f"{stack.worker_log()}"
+            )
+        done = _operation(database, operation_id)
+        assert done.state == OperationState.SUCCEEDED, (done.error_code, done.error_message)
+        assert done.remote_new_id == created[0]
+        assert _remote_ids(remote_url, account) == created  # one new endpoint, the old gone
+        assert len(proxy.calls("POST", "/v1/webhooks")) == 1
+        assert proxy.calls("POST", f"/v1/webhooks/{created[0]}/rotate-secret")
+        with database.session() as session:
+            revealed = operations.reveal_secret(
+                session, org_id, operation_id, scopes=[Scope.WEBHOOKS_WRITE]
+            )[1]
+            endpoint = session.get(WebhookEndpoint, uuid.UUID(created[0]))
+            assert endpoint is not None
+            assert base64.b64decode(revealed) == signing_key(session, endpoint)
+
+
+def _remote_ids(remote_url: str, account: Tenant) -> list[str]:
+    listed = httpx.get(f"{remote_url}/v1/webhooks", headers=account.headers)
+    assert listed.status_code == 200, listed.text
+    return [item["id"] for item in listed.json()["data"]]
+
 
 # The reconciler's own line when it re-enqueued something (Celery's per-tick lines are DEBUG).
 RECONCILED = re.compile(r"re-enqueued ([0-9]+) stalled operations")

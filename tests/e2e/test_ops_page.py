@@ -345,6 +345,36 @@ def test_operator_watches_a_migration_live_and_cancels_another(live_api, databas
             ).to_have_count(2)
             expect(page.get_by_test_id("op")).to_have_count(5)  # children are not rows of their own
 
+            # 6. A remote migrate, named by its provider: this same API, another organization's
+            # account, whose receiver learns the new secret from reveal-secret.
+            account = make_tenant(database, name="Account at the provider")
+            at_remote = http.post(
+                "/v1/webhooks",
+                json={"url": demo_receiver.url, "events": ["brand.vetted"]},
+                headers=account.headers,
+            ).json()
+            demo_receiver.add_secret(at_remote["secret"])
+            provider = http.post(
+                "/v1/providers",
+                json={"name": "AgentMessage EU", "base_url": live_api, "api_key": account.api_key},
+            )
+            assert provider.status_code == 201, provider.text
+            remote = http.post(
+                f"/v1/providers/{provider.json()['id']}/webhooks/{at_remote['id']}/migrate"
+            ).json()
+            page.get_by_test_id("refresh").click()
+            row = _row(page, remote["id"])
+            expect(row.get_by_test_id("op-kind")).to_have_text("Remote migrate")
+            expect(row.get_by_test_id("op-provider")).to_have_text("at AgentMessage EU")
+            revealed = http.post(f"/v1/operations/{remote['id']}/reveal-secret")
+            until = time.monotonic() + WAIT_MS / 1000
+            while revealed.status_code == 409 and time.monotonic() < until:  # not created yet
+                time.sleep(0.2)
+                revealed = http.post(f"/v1/operations/{remote['id']}/reveal-secret")
+            assert revealed.status_code == 200, revealed.text
+            demo_receiver.add_secret(revealed.json()["secret"])
+            expect(row).to_have_attribute("data-state", "succeeded", timeout=WAIT_MS)
+
             # Forgetting the key clears the tab.
             page.get_by_test_id("forget-key").click()
             expect(page.get_by_test_id("key-panel")).to_be_visible()

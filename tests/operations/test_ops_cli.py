@@ -7,7 +7,8 @@ import re
 import threading
 import uuid
 
-from models import bulk
+from models import bulk, remote
+from models import provider as providers
 from models.endpoint import create_endpoint
 from models.operation import begin_advance, request_cancel, start_migration
 from models.org import ALL_SCOPES
@@ -145,3 +146,24 @@ def test_watch_of_a_bulk_migrate_reports_its_children(database):
     text = out.getvalue()
     assert "children total=3 canceled=3" in text
     assert "state canceled" in text
+
+
+def test_watch_names_a_remote_migrates_provider_and_remote_ids(database, capsys):
+    tenant = make_tenant(database)
+    with database.session() as session:
+        provider = providers.create(
+            session,
+            tenant.org_id,
+            name="AgentMessage EU",
+            base_url="https://provider.example.com",
+            api_key="am_live_" + "p" * 34,
+        )
+        operation = remote.start(session, tenant.org_id, provider.id, "we_remote_1")
+    with database.session() as session:
+        request_cancel(session, tenant.org_id, operation.id, scopes=ALL_SCOPES)
+    advance(database, operation.id)  # canceled before anything was created: nothing to undo
+    assert main(["ops", "watch", str(operation.id)]) == 1
+    screen = capsys.readouterr().out
+    assert "remote_migrate" in screen
+    assert f"we_remote_1 -> - at provider 'AgentMessage EU' ({provider.id})" in screen
+    assert "canceled" in screen
