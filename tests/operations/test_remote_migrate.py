@@ -9,6 +9,7 @@ so each test decides when the operation moves, and duplicates are sent on purpos
 from __future__ import annotations
 
 import base64
+import logging
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -24,7 +25,7 @@ from models.operation import Operation
 from models.org import revoke_key
 from models.policy import RotationPolicy, run_due
 from models.provider import Provider
-from tests.factories import Tenant, make_tenant
+from tests.factories import Tenant, add_key, make_tenant
 from tests.live import serve_api
 from tests.providers import ProviderProxy, provider_proxy
 from tests.receivers import ScriptedReceiver
@@ -395,3 +396,44 @@ def test_a_remote_endpoint_policy_migrates_on_schedule_and_follows_the_new_id(
         forgotten = session.get(Provider, uuid.UUID(provider_id))
         assert forgotten is not None
         assert forgotten.key_ciphertext is None  # a deleted provider keeps no key
+
+
+def test_providers_need_org_admin_write_and_a_new_key_is_tried_first(
+    client, database, tenant, remote_tenant, proxy
+):
+    writer = add_key(database, tenant, ["webhooks:write", "webhooks:read"])
+    body = {"name": "AgentMessage", "base_url": proxy.url, "api_key": remote_tenant.api_key}
+    assert client.post("/v1/providers", json=body, headers=writer.headers).status_code == 403
+    provider_id = register(client, tenant, proxy, remote_tenant)
+    path = f"/v1/providers/{provider_id}"
+    assert client.patch(path, json={"name": "x"}, headers=writer.headers).status_code == 403
+    renamed = client.patch(path, json={"name": "AgentMessage EU"}, headers=tenant.headers)
+    assert renamed.status_code == 200, renamed.text
+    assert renamed.json()["name"] == "AgentMessage EU"
+    refused = client.patch(path, json={"api_key": "am_live_" + "r" * 34}, headers=tenant.headers)
+    assert refused.status_code == 422
+    assert set(refused.json()["error"]["details"]) == {"api_key"}
+    other = add_key(database, remote_tenant, [])
+    replaced = client.patch(path, json={"api_key": other.api_key}, headers=tenant.headers)
+    assert replaced.status_code == 200, replaced.text
+    assert replaced.json()["key_prefix"] == other.api_key[:12]
+    listed = client.get("/v1/providers", headers=writer.headers)
+    assert [item["id"] for item in listed.json()["data"]] == [provider_id]
+
+
+def test_a_remote_migrate_replays_under_its_idempotency_key_and_logs_no_key(
+    client, database, tenant, remote_tenant, proxy, old, caplog
+):
+    provider_id = register(client, tenant, proxy, remote_tenant)
+    headers = {**tenant.headers, "Idempotency-Key": "remote-1"}
+    path = f"/v1/providers/{provider_id}/webhooks/{old['id']}/migrate"
+    first = client.post(path, json={"deadline_seconds": 60}, headers=headers)
+    again = client.post(path, json={"deadline_seconds": 60}, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    with caplog.at_level(logging.DEBUG):
+        done = drive(database, first.json()["id"])
+    assert done.state == "succeeded"
+    calls = [record for record in caplog.records if record.getMessage() == "provider call"]
+    assert {record.__dict__["method"] for record in calls} >= {"GET", "POST", "DELETE"}
+    assert all(remote_tenant.api_key not in str(record.__dict__) for record in caplog.records)
