@@ -42,7 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, joinedload, mapped_column, relationship
 
-from models import clock
+from models import clock, org_secret
 from models import delivery as deliveries
 from models.base import Base, IdMixin, UTCDateTime
 from models.db import after_commit, box_of, settings_of
@@ -668,6 +668,8 @@ class Advance:
     parent_id: uuid.UUID | None = None  # the bulk migrate to tell when this child ends
     recorded: deliveries.DeliveryAttempt | None = None  # the probe attempt ``finish_probe`` logged
     remote: bool = False  # a remote migrate: its steps are models.remote's
+    # A scheduled org secret rotation: the rotation, whose previous secret expires later.
+    org_rotation: org_secret.Rotation | None = field(default=None, repr=False)
 
 
 NOTHING = Advance()
@@ -810,8 +812,8 @@ def _rotate_now(
 ) -> Advance:
     """The single step of a scheduled immediate rotation; its secret is kept for reveal."""
     from models import endpoint as endpoints
-    from models import org_secret
 
+    rotation = None
     if step.name == Step.ROTATE_SECRET and operation.source_endpoint_id is not None:
         try:
             secret = endpoints.rotate_secret(
@@ -821,13 +823,14 @@ def _rotate_now(
             begin_step(step, now)
             return _roll_back(session, operation, OperationState.FAILED, now, exc.code, exc.message)
     else:
-        secret = org_secret.rotate(session, operation.org_id).secret
+        rotation = org_secret.rotate(session, operation.org_id)
+        secret = rotation.secret
     operation.new_secret_ciphertext = box_of(session).encrypt(
         base64.b64decode(secret), context=secret_context(operation.id)
     )
     begin_step(step, now)
     succeed_step(step, now)
-    return finish(operation, OperationState.SUCCEEDED, now)
+    return replace(finish(operation, OperationState.SUCCEEDED, now), org_rotation=rotation)
 
 
 def begin_step(step: OperationStep, now: datetime) -> None:

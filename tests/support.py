@@ -54,3 +54,20 @@ def overridden(settings: Settings, **values: Any) -> Iterator[Settings]:
     finally:
         for name, value in saved.items():
             setattr(settings, name, value)
+
+
+@contextmanager
+def published_tasks() -> Iterator[list[tuple[str, list[str], Any]]]:
+    """Every task message published in the block: (task name, args, eta or None)."""
+    from celery.signals import before_task_publish
+
+    seen: list[tuple[str, list[str], Any]] = []
+
+    def capture(sender: Any = None, body: Any = None, headers: Any = None, **_: Any) -> None:
+        seen.append((sender, list(body[0]), (headers or {}).get("eta")))
+
+    before_task_publish.connect(capture, weak=False)
+    try:
+        yield seen
+    finally:
+        before_task_publish.disconnect(capture)

@@ -16,6 +16,7 @@ from workers.app import app
 from workers.deliveries import attempt
 from workers.enqueue import send_after_commit
 from workers.names import TaskName
+from workers.org_secrets import expire_later
 from workers.remote import perform
 from workers.sending import report_attempt, sender_for
 
@@ -33,6 +34,8 @@ def advance(db: Database, operation_id: uuid.UUID) -> None:
             step = operations.begin_advance(session, operation_id)
             _schedule(session, operation_id, step)
             _tell_parent(session, step)
+            if step.org_rotation is not None:
+                expire_later(session, step.org_rotation)
         if step.remote:
             _advance_remote(db, operation_id)
             return

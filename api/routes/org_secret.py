@@ -17,24 +17,17 @@ from models import org_secret
 from models.clock import rfc3339
 from models.db import settings_of
 from models.org import Scope
-from workers.enqueue import send_after_commit
-from workers.names import TaskName
+from workers.org_secrets import expire_later
 
 router = APIRouter(prefix="/v1/webhook-secret", tags=["org secret"])
 
 Admin = Annotated[Caller, Depends(require(Scope.ORG_ADMIN_WRITE))]
 
-# Longer windows are left to the sweeper rather than held as a countdown in the broker.
-MAX_EXPIRY_COUNTDOWN_S = 900
-
 
 def _rotate(session: Session, org_id: uuid.UUID) -> dict[str, Any]:
     rotation = org_secret.rotate(session, org_id)
+    expire_later(session, rotation)
     grace = settings_of(session).org_secret_grace_seconds
-    if rotation.previous_id is not None and grace <= MAX_EXPIRY_COUNTDOWN_S:
-        send_after_commit(
-            session, TaskName.ORG_SECRET_EXPIRE, rotation.previous_id, countdown=grace + 1
-        )
     return {
         "webhook_secret": rotation.secret,
         "rotated_at": rfc3339(rotation.rotated_at),

@@ -16,7 +16,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from celery.signals import before_task_publish
 from sqlalchemy import update
 
 from models import clock
@@ -35,7 +34,7 @@ from tests.deliveries.helpers import (
 )
 from tests.factories import make_tenant
 from tests.receivers import scripted_receiver
-from tests.support import overridden
+from tests.support import overridden, published_tasks
 from workers.deliveries import enqueue, send
 from workers.names import TaskName
 
@@ -50,16 +49,8 @@ def insecure(settings):
 @pytest.fixture
 def published() -> Iterator[list[tuple[str, list[str], Any]]]:
     """Every message published meanwhile: (task name, args, eta)."""
-    seen: list[tuple[str, list[str], Any]] = []
-
-    def capture(sender=None, body=None, headers=None, **_):
-        seen.append((sender, list(body[0]), (headers or {}).get("eta")))
-
-    before_task_publish.connect(capture, weak=False)
-    try:
+    with published_tasks() as seen:
         yield seen
-    finally:
-        before_task_publish.disconnect(capture)
 
 
 def _sends(published: list[tuple[str, list[str], Any]]) -> list[list[str]]:

@@ -12,8 +12,11 @@ from models import clock, org_secret
 from models.delivery import claim, publish
 from models.endpoint import create_endpoint
 from models.org_secret import OrgSecret, SecretState
+from models.policy import create_policy, run_due
 from receiver import BadSignature, MissingHeaders, verify
 from tests.factories import add_key, make_tenant
+from tests.support import published_tasks
+from workers.operations import advance
 
 ROTATE = "/v1/webhook-secret/rotate"
 
@@ -249,3 +252,37 @@ def test_an_org_secret_cut_short_by_the_next_rotation_loses_its_ciphertext(clien
         ("previous", True),
         ("current", True),
     ]
+
+
+def test_a_scheduled_rotation_expires_the_previous_secret_as_the_api_does(client, database):
+    """Both ways of rotating the organization secret ask for the previous secret's expiry
+    just after its grace window (workers/org_secrets.py, ``expire_later``)."""
+    tenant = make_tenant(database)
+    assert client.post("/v1/webhook-secret/rotate", headers=tenant.headers).status_code == 200
+    with published_tasks() as by_api:
+        assert client.post("/v1/webhook-secret/rotate", headers=tenant.headers).status_code == 200
+    with database.session() as session:
+        policy = create_policy(
+            session,
+            tenant.org_id,
+            target="org_secret",
+            interval_seconds=86_400,
+            next_run_at=clock.now(),
+        )
+        assert policy.id is not None
+        runs = run_due(session)
+        current = session.scalars(
+            select(OrgSecret.id).where(
+                OrgSecret.org_id == tenant.org_id, OrgSecret.state == SecretState.CURRENT
+            )
+        ).one()
+    assert runs[0].operation_id is not None
+    with published_tasks() as by_policy:
+        advance(database, runs[0].operation_id)
+
+    for published, previous in ((by_api, None), (by_policy, current)):
+        expiries = [(args, eta) for name, args, eta in published if name == "org_secret.expire"]
+        assert len(expiries) == 1, published
+        assert expiries[0][1] is not None  # counted down, not sent at once
+        if previous is not None:
+            assert expiries[0][0] == [str(previous)]
