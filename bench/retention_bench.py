@@ -11,7 +11,7 @@ One run (about 2-3 minutes on 2 cores):
 
 1. The database named by ``ROTATOR_BENCH_RETENTION_DATABASE_URL`` (its ``public`` schema, and
    nothing else) is emptied and built again by Alembic. It refuses the shared databases.
-2. Baseline: a scrape (``rotator.metrics.exposition``, what ``GET /metrics`` serves, called in
+2. Baseline: a scrape (``api.scrape.exposition``, what ``GET /metrics`` serves, called in
    this process) on the empty database, median of ``--scrapes``.
 3. Load, server-side (``INSERT ... SELECT generate_series``, one statement per table): one
    organization, 10 endpoints; events fanned out to every endpoint, two attempts per delivery,
@@ -49,12 +49,12 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import event, text
 
+from api.scrape import exposition
 from bench.common import RESERVED_DATABASES, ROOT, BenchError
 from models import retention
 from models.db import Database
 from models.endpoint import create_endpoint
 from models.org import create_org
-from rotator.metrics import exposition
 from rotator.settings import Settings
 
 URL_VARIABLE = "ROTATOR_BENCH_RETENTION_DATABASE_URL"

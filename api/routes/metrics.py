@@ -12,8 +12,9 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import envelope, request_id_of
+from api.scrape import exposition
 from models.db import get_database
-from rotator.metrics import CONTENT_TYPE, exposition
+from rotator.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["metrics"])
 

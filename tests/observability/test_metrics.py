@@ -11,6 +11,7 @@ from datetime import timedelta
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
+from api import scrape
 from models import clock, heartbeat
 from models.org import ALL_SCOPES
 from rotator import metrics
@@ -66,7 +67,7 @@ def test_same_named_families_from_several_sources_are_merged():
 
         return Source()
 
-    merged = list(metrics._Merged([source(1, "a"), source(2, "a"), source(5, "b")]).collect())
+    merged = list(scrape._Merged([source(1, "a"), source(2, "a"), source(5, "b")]).collect())
     assert len(merged) == 1
     assert {s.labels["outcome"]: s.value for s in merged[0].samples} == {"a": 3, "b": 5}
 
