@@ -16,7 +16,6 @@ from fastapi import Header, Query
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
-from models.bulk import CONCURRENCY_DEFAULT, CONCURRENCY_MAX, CONCURRENCY_MIN
 from models.bulk import MAX_NAMED as BULK_MAX_ENDPOINTS
 from models.clock import rfc3339
 from models.delivery import DeliveryAttempt, Outcome
@@ -31,6 +30,9 @@ from models.endpoint import (
 from models.events import SUBSCRIBABLE_EVENT_TYPES, SUPPORTED_API_VERSIONS, SYSTEM_EVENT_TYPES
 from models.idempotency import KEY_PATTERN, MAX_KEY_LENGTH
 from models.operation import (
+    CONCURRENCY_DEFAULT,
+    CONCURRENCY_MAX,
+    CONCURRENCY_MIN,
     DEADLINE_MAX_S,
     DEADLINE_MIN_S,
     Operation,

@@ -23,12 +23,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models import clock
+from models import migration as migrations
 from models import operation as operations
 from models.endpoint import WebhookEndpoint
 from models.errors import ValidationFailed
 from models.events import SUBSCRIBABLE_EVENT_TYPES
 from models.ids import new_id
 from models.operation import (
+    CONCURRENCY_DEFAULT,
+    CONCURRENCY_MAX,
+    CONCURRENCY_MIN,
     DEADLINE_DEFAULT_S,
     DEADLINE_MAX_S,
     DEADLINE_MIN_S,
@@ -39,7 +43,6 @@ from models.operation import (
     Trigger,
 )
 
-CONCURRENCY_MIN, CONCURRENCY_MAX, CONCURRENCY_DEFAULT = 1, 50, 5
 MAX_NAMED = 1000  # endpoint_ids in one request
 HANDOFFS = ("none", "in_band")
 CHILDREN_FAILED = "CHILDREN_FAILED"
@@ -161,7 +164,7 @@ def start(
     session.flush()
     secrets = []
     for endpoint in chosen:
-        child = operations.start_migration(
+        child = migrations.start_migration(
             session,
             org_id,
             endpoint.id,
@@ -262,7 +265,7 @@ def cancel(
         select(Operation).where(*_waiting(operation.id)).with_for_update()
     ).all()
     for child in waiting:
-        operations.end_unstarted(session, child, now)
+        migrations.end_unstarted(session, child, now)
     wake = list(session.scalars(select(Operation.id).where(*_active(operation.id))))
     _end_if_done(session, operation)
     return operation, wake

@@ -37,6 +37,7 @@ from models.db import box_of, settings_of
 from models.errors import LimitExceeded, NotFound, ValidationFailed
 from models.events import SUBSCRIBABLE_EVENT_TYPES, SUPPORTED_API_VERSIONS, SYSTEM_EVENT_TYPES
 from models.ids import new_id
+from models.operation import ensure_idle, forget_endpoint_secret
 from models.org import lock_org
 from models.pagination import Page, paginate
 from models.reads import Query, Reads
@@ -332,8 +333,6 @@ def update_endpoint(
     _raise_if(problems)
     endpoint = get_endpoint(session, org_id, endpoint_id, for_update=True)
     if any(field in changes and getattr(endpoint, field) != changes[field] for field in PINNED):
-        from models.operation import ensure_idle
-
         ensure_idle(session, endpoint.id)
     changed = False
     for field in ("url", "events", "active"):
@@ -348,33 +347,6 @@ def update_endpoint(
     return endpoint
 
 
-def delete_endpoint(session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID) -> WebhookEndpoint:
-    """Soft delete: the row and its history stay, the endpoint stops receiving."""
-    # Operations and deliveries build on endpoints, not the other way round.
-    from models.operation import ensure_idle
-    from models.policy import end_policies_for_endpoint
-
-    endpoint = get_endpoint(session, org_id, endpoint_id, for_update=True)
-    ensure_idle(session, endpoint.id)
-
-    soft_delete(session, endpoint)
-    end_policies_for_endpoint(session, endpoint.id)
-    return endpoint
-
-
-def soft_delete(session: Session, endpoint: WebhookEndpoint) -> None:
-    """Mark deleted and abandon its pending deliveries (also used by safe migrate)."""
-    from models.delivery import abandon_pending
-    from models.operation import forget_endpoint_secret
-
-    now = clock.now()
-    abandon_pending(session, endpoint.id)
-    forget_endpoint_secret(session, endpoint)
-    endpoint.deleted_at = now
-    endpoint.active = False
-    endpoint.updated_at = now
-
-
 def rotate_secret(
     session: Session, org_id: uuid.UUID, endpoint_id: uuid.UUID, *, by: uuid.UUID | None = None
 ) -> WithSecret:
@@ -384,8 +356,6 @@ def rotate_secret(
     old secret, and the new endpoint's secret is the one the operation holds. ``by``: the
     scheduled rotation doing this, which does not count as busy.
     """
-    from models.operation import ensure_idle, forget_endpoint_secret
-
     endpoint = get_endpoint(session, org_id, endpoint_id, for_update=True)
     ensure_idle(session, endpoint.id, besides=by)
     forget_endpoint_secret(session, endpoint)

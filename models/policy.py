@@ -1,16 +1,12 @@
-"""Rotation policies: scheduled periodic rotation, driven by beat (docs/api.md).
-
-Each due policy starts exactly one operation per due time: the tick locks due rows with
-``FOR UPDATE SKIP LOCKED`` and the operation carries (policy, due time) under a unique
-constraint, so even two beats cannot start a run twice. Missed runs collapse into one
-catch-up run, after which the schedule moves forward from now.
+"""Rotation policies: scheduled periodic rotation (docs/api.md, "Rotation policies"): the
+table, its rules, and policies following what a migration replaced. Beat's tick, which starts
+each due policy's run, is ``models/policy_runs.py``.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -19,14 +15,15 @@ from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from models import bulk, clock, remote
+from models import clock
 from models import operation as operations
 from models import provider as providers
 from models.base import Base, IdMixin, UTCDateTime
 from models.db import settings_of
-from models.endpoint import WebhookEndpoint, get_endpoint
+from models.endpoint import get_endpoint
 from models.errors import Conflict, NotFound, ValidationFailed
 from models.ids import new_id
+from models.operation import CONCURRENCY_DEFAULT, CONCURRENCY_MAX, CONCURRENCY_MIN
 from models.pagination import Page, paginate
 
 MAX_INTERVAL_S = 10 * 366 * 86_400
@@ -161,8 +158,8 @@ def _check(
     if concurrency is not None:
         if target != Target.ORG_ENDPOINTS:
             problems["max_concurrency"] = "only for an org_endpoints policy"
-        elif not bulk.CONCURRENCY_MIN <= concurrency <= bulk.CONCURRENCY_MAX:
-            problems["max_concurrency"] = f"must be {bulk.CONCURRENCY_MIN}-{bulk.CONCURRENCY_MAX}"
+        elif not CONCURRENCY_MIN <= concurrency <= CONCURRENCY_MAX:
+            problems["max_concurrency"] = f"must be {CONCURRENCY_MIN}-{CONCURRENCY_MAX}"
     if handoff == Handoff.IN_BAND and strategy != Strategy.SAFE_MIGRATE:
         problems["handoff"] = "in_band needs strategy safe_migrate"
     next_run_at = values.get("next_run_at")
@@ -229,7 +226,7 @@ def create_policy(session: Session, org_id: uuid.UUID, **fields: Any) -> Rotatio
         handoff=values["handoff"],
         max_concurrency=values["max_concurrency"]
         if values["target"] != Target.ORG_ENDPOINTS
-        else values["max_concurrency"] or bulk.CONCURRENCY_DEFAULT,
+        else values["max_concurrency"] or CONCURRENCY_DEFAULT,
         next_run_at=values["next_run_at"] or now + timedelta(seconds=values["interval_seconds"]),
         created_at=now,
         updated_at=now,
@@ -355,120 +352,6 @@ def follow_remote_migration(session: Session, operation_id: uuid.UUID) -> None:
         )
         .values(remote_endpoint_id=operation.remote_new_id, updated_at=clock.now())
     )
-
-
-# --- the tick ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Run:
-    policy_id: uuid.UUID
-    operation_id: uuid.UUID | None  # None: skipped (the target is busy)
-    advance: tuple[uuid.UUID, ...] = ()  # operations to advance once the run commits
-
-
-def run_due(session: Session, *, limit: int = 100) -> list[Run]:
-    """Start one operation per due policy; safe with several beats ticking at once."""
-    now = clock.now()
-    due = session.scalars(
-        select(RotationPolicy)
-        .where(
-            RotationPolicy.deleted_at.is_(None),
-            RotationPolicy.paused.is_(False),
-            RotationPolicy.next_run_at <= now,
-        )
-        .order_by(RotationPolicy.next_run_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
-    runs = []
-    for policy in due:
-        started: list[uuid.UUID] = []
-        due_at = policy.next_run_at
-        interval = timedelta(seconds=policy.interval_seconds)
-        # On time: keep the cadence. Missed runs (beat was down): one catch-up run, now.
-        following = due_at + interval
-        policy.next_run_at = following if following > now else now + interval
-        policy.updated_at = now
-        try:
-            with session.begin_nested():
-                operation, started = _start(session, policy, due_at)
-        except (Conflict, NotFound, ValidationFailed):
-            # The last run is still going, (org_endpoints) no endpoint is active, or
-            # (remote_endpoint) its provider was deleted: skip.
-            runs.append(Run(policy.id, None))
-            continue
-        except IntegrityError:
-            runs.append(Run(policy.id, None))  # another beat started this due time already
-            continue
-        policy.last_run_at = now
-        policy.last_operation_id = operation.id
-        runs.append(Run(policy.id, operation.id, tuple(started)))
-    return runs
-
-
-def _start(
-    session: Session, policy: RotationPolicy, due_at: datetime
-) -> tuple[operations.Operation, list[uuid.UUID]]:
-    """The run's operation, and the operations to advance once it commits."""
-    if policy.target == Target.ORG_ENDPOINTS:
-        started = bulk.start(
-            session,
-            policy.org_id,
-            max_concurrency=policy.max_concurrency or bulk.CONCURRENCY_DEFAULT,
-            deadline_seconds=settings_of(session).scheduled_migrate_deadline_seconds,
-            handoff=policy.handoff,
-            trigger=operations.Trigger.SCHEDULE,
-            policy_id=policy.id,
-            scheduled_for=due_at,
-        )
-        return started.operation, started.started
-    operation = _start_operation(session, policy, due_at)
-    return operation, [operation.id]
-
-
-def _start_operation(
-    session: Session, policy: RotationPolicy, due_at: datetime
-) -> operations.Operation:
-    if policy.target == Target.REMOTE_ENDPOINT:
-        if policy.provider_id is None or policy.remote_endpoint_id is None:  # pragma: no cover
-            raise Conflict("policy has no remote endpoint")
-        return remote.start(
-            session,
-            policy.org_id,
-            policy.provider_id,
-            policy.remote_endpoint_id,
-            trigger=operations.Trigger.SCHEDULE,
-            policy_id=policy.id,
-            scheduled_for=due_at,
-            deadline_seconds=settings_of(session).scheduled_migrate_deadline_seconds,
-        )
-    if policy.target == Target.ORG_SECRET:
-        return operations.start_rotation(
-            session, policy.org_id, None, policy_id=policy.id, scheduled_for=due_at
-        )
-    if policy.endpoint_id is None:  # pragma: no cover - validated on write
-        raise Conflict("policy has no endpoint")
-    endpoint = session.get(WebhookEndpoint, policy.endpoint_id)
-    if endpoint is None or not endpoint.active:
-        # A paused endpoint is not rotated: a new endpoint would start receiving again.
-        raise Conflict("the endpoint is paused")
-    if policy.strategy == Strategy.ROTATE:
-        return operations.start_rotation(
-            session, policy.org_id, policy.endpoint_id, policy_id=policy.id, scheduled_for=due_at
-        )
-    return operations.start_migration(
-        session,
-        policy.org_id,
-        policy.endpoint_id,
-        kind=operations.OperationKind.SCHEDULED_ROTATION,
-        trigger=operations.Trigger.SCHEDULE,
-        policy_id=policy.id,
-        handoff=policy.handoff,
-        reveal=False,
-        scheduled_for=due_at,
-        deadline_seconds=settings_of(session).scheduled_migrate_deadline_seconds,
-    ).operation
 
 
 def end_policies_for_provider(session: Session, provider_id: uuid.UUID) -> None:

@@ -43,14 +43,25 @@ from models.db import box_of, settings_of
 from models.endpoint import check_description, check_events, check_url
 from models.errors import Conflict, ValidationFailed
 from models.ids import new_id
+from models.migration import (
+    NOTHING,
+    Advance,
+    advance_now,
+    begin_step,
+    close_steps,
+    finish,
+    holding,
+    lock_for_advance,
+    reported,
+    step_states,
+    succeed_step,
+)
 from models.operation import (
     DEADLINE_DEFAULT_S,
     DEADLINE_MAX_S,
     DEADLINE_MIN_S,
     MIGRATE_STEPS,
-    NOTHING,
     PROBE_STEPS,
-    Advance,
     Operation,
     OperationKind,
     OperationState,
@@ -58,17 +69,8 @@ from models.operation import (
     Step,
     StepState,
     Trigger,
-    advance_now,
-    begin_step,
-    close_steps,
     count_started,
-    finish,
-    holding,
-    lock_for_advance,
-    reported,
     secret_context,
-    step_states,
-    succeed_step,
 )
 from models.provider import Account, Provider
 

@@ -14,7 +14,7 @@ from datetime import timedelta
 from sqlalchemy.orm import Session
 
 from models import delivery as deliveries
-from models import heartbeat, org_secret, policy, retention
+from models import heartbeat, org_secret, policy_runs, retention
 from models import operation as operations
 from models.db import get_database
 from rotator.settings import get_settings
@@ -90,7 +90,7 @@ def sweep_org_secrets() -> int:
 def run_due_policies() -> int:
     """Start one operation per due rotation policy (unique per policy and due time)."""
     with get_database().session() as session:
-        runs = policy.run_due(session)
+        runs = policy_runs.run_due(session)
         for run in runs:
             for operation_id in run.advance:
                 send_after_commit(session, TaskName.OPERATION_ADVANCE, operation_id)

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import event, func, select
 
 from models import endpoint as endpoints
+from models import migration as migrations
 from models import operation as operations
 from models.db import Database
 from models.endpoint import WebhookEndpoint
@@ -90,7 +91,7 @@ def test_a_secret_is_revealed_once_when_two_processes_ask_at_once(database, sett
     tenant = make_tenant(database)
     source = _source(database, tenant).endpoint
     with database.session() as session:
-        started = operations.start_migration(session, tenant.org_id, source.id, reveal=False)
+        started = migrations.start_migration(session, tenant.org_id, source.id, reveal=False)
     operation_id = started.operation.id
 
     with two_pools(settings) as pools, meeting_before(pools, "UPDATE operations"):

@@ -18,13 +18,13 @@ from models.db import Database
 from models.endpoint import (
     EndpointView,
     create_endpoint,
-    delete_endpoint,
     get_endpoint,
     read_endpoint,
 )
 from models.errors import NotFound
 from models.org import Organization
 from models.reads import APPLICATION_NAME, Query
+from models.usecases import delete_endpoint
 from tests.factories import make_tenant
 from tests.support import BACKEND
 

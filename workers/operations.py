@@ -8,6 +8,7 @@ import uuid
 from sqlalchemy.orm import Session
 
 from models import bulk, remote
+from models import migration as migrations
 from models import operation as operations
 from models import policy as policies
 from models.db import Database, get_database
@@ -31,7 +32,7 @@ def advance(db: Database, operation_id: uuid.UUID) -> None:
     """
     with logs.bound(operation_id=operation_id):
         with db.session() as session:
-            step = operations.begin_advance(session, operation_id)
+            step = migrations.begin_advance(session, operation_id)
             _schedule(session, operation_id, step)
             _tell_parent(session, step)
             if step.org_rotation is not None:
@@ -49,7 +50,7 @@ def advance(db: Database, operation_id: uuid.UUID) -> None:
         if probe is not None:  # else an earlier run's claim is still live: nothing to send
             sent = (probe, sender_for(db).post(probe.url, probe.body, probe.headers))
         with db.session() as session:
-            after = operations.finish_probe(session, operation_id, sent)
+            after = migrations.finish_probe(session, operation_id, sent)
             _schedule(session, operation_id, after)
             _tell_parent(session, after)
         if after.recorded is not None:
@@ -74,14 +75,14 @@ def _advance_remote(db: Database, operation_id: uuid.UUID) -> None:
     _report(db, after, "waiting" if after.again_in else None)
 
 
-def _schedule(session: Session, operation_id: uuid.UUID, step: operations.Advance) -> None:
+def _schedule(session: Session, operation_id: uuid.UUID, step: migrations.Advance) -> None:
     if step.again_in is not None:
         send_after_commit(
             session, TaskName.OPERATION_ADVANCE, operation_id, countdown=step.again_in
         )
 
 
-def _tell_parent(session: Session, step: operations.Advance) -> None:
+def _tell_parent(session: Session, step: migrations.Advance) -> None:
     """A bulk migrate's child that ended in this unit of work makes room for the next ones,
     started in the same unit of work (docs/architecture.md, "Bulk migrate")."""
     if step.ended_state is not None and step.parent_id is not None:
@@ -89,7 +90,7 @@ def _tell_parent(session: Session, step: operations.Advance) -> None:
             send_after_commit(session, TaskName.OPERATION_ADVANCE, child_id)
 
 
-def _report(db: Database, done: operations.Advance, outcome: str | None) -> None:
+def _report(db: Database, done: migrations.Advance, outcome: str | None) -> None:
     """After the commit (a rolled-back step is neither logged nor observed): one log line per
     finished step, its duration observed; else one for the step now in progress."""
     fields = {"task": str(TaskName.OPERATION_ADVANCE), "kind": done.kind}

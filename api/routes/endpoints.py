@@ -23,6 +23,7 @@ from api.schemas import (
     list_json,
 )
 from models import endpoint as endpoints
+from models import usecases
 from models.errors import NotFound
 from models.limits import start_test_delivery
 from models.org import Scope
@@ -107,7 +108,7 @@ async def update_endpoint(endpoint_id: uuid.UUID, request: Request, caller: Writ
 )
 async def delete_endpoint(endpoint_id: uuid.UUID, caller: Writer) -> Response:
     """Soft delete: the endpoint stops receiving; its delivery history is kept."""
-    await caller.run(endpoints.delete_endpoint, endpoint_id)
+    await caller.run(usecases.delete_endpoint, endpoint_id)
     return Response(status_code=204)
 
 

@@ -32,6 +32,7 @@ from api.schemas import (
     operation_json,
 )
 from models import bulk, idempotency
+from models import migration as migrations
 from models import operation as operations
 from models.endpoint import get_endpoint
 from models.errors import DomainError, NotFound
@@ -87,7 +88,7 @@ def _migrate(
         stored = idempotency.recall(session, org_id, key, fingerprint, api_key_id=api_key_id)
         if stored is not None:
             return stored
-    started = operations.start_migration(
+    started = migrations.start_migration(
         session,
         org_id,
         endpoint_id,

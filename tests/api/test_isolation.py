@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import func, select
 
 from api import isolation
-from models import operation as operations
+from models import migration as migrations
 from models.db import Database
 from models.delivery import Delivery, DeliveryAttempt, Event
 from models.limits import IN_FLIGHT_GRACE_S
@@ -169,7 +169,7 @@ def unfinished_operation(database: Database, tenant: Tenant) -> uuid.UUID:
     """A safe migrate that nothing advances: its stream stays open."""
     source = add_endpoint(database, tenant.org_id, "https://hooks.example.com/old")
     with database.session() as session:
-        started = operations.start_migration(session, tenant.org_id, source.id)
+        started = migrations.start_migration(session, tenant.org_id, source.id)
         return started.operation.id
 
 
@@ -266,7 +266,7 @@ def test_a_stream_sends_each_change_and_ends_with_the_operation(database, settin
         )
         assert canceled.status_code == 202, canceled.text
         with database.session() as session:  # the worker's part: the rollback
-            operations.begin_advance(session, operation_id)
+            migrations.begin_advance(session, operation_id)
         stream.read_to_end()  # else ReadTimeout: the stream did not end with the operation
     finally:
         stream.close()

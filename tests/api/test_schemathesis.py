@@ -47,7 +47,7 @@ from models.db import Database
 from models.delivery import Delivery, DeliveryAttempt, Event
 from models.endpoint import WebhookEndpoint, create_endpoint
 from models.ids import new_event_id, new_id
-from models.operation import start_migration
+from models.migration import start_migration
 from models.org import create_org, issue_key
 from models.policy import RotationPolicy, create_policy
 from tests.api.helpers import ULID_RE

@@ -33,6 +33,7 @@ from celery import Celery
 from sqlalchemy import Connection, func, select, text
 
 from models import bulk, clock, remote
+from models import migration as migrations
 from models import operation as operations
 from models import provider as providers
 from models.db import Database
@@ -274,7 +275,7 @@ def _start_migration(db: Database, org_id: uuid.UUID, url: str) -> Pair:
     """An endpoint and its migration, committed; nothing published yet."""
     with db.session() as session:
         source = create_endpoint(session, org_id, url=url, events=["brand.vetted"])
-        started = operations.start_migration(session, org_id, source.endpoint.id)
+        started = migrations.start_migration(session, org_id, source.endpoint.id)
         assert started.secret is not None
         return Pair(
             org_id=org_id,

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api import scrape
 from models import clock, heartbeat
+from models import migration as migrations
 from models.org import ALL_SCOPES
 from rotator import metrics
 from tests.support import overridden
@@ -214,12 +215,12 @@ def test_operations_are_counted_as_they_start_and_end_and_a_scrape_does_not_coun
             ).endpoint
         try:
             with database.session() as session:
-                operations.start_migration(session, tenant.org_id, source.id)
+                migrations.start_migration(session, tenant.org_id, source.id)
                 raise RuntimeError("roll back")
         except RuntimeError:
             pass
         with database.session() as session:
-            operation_id = operations.start_migration(
+            operation_id = migrations.start_migration(
                 session, tenant.org_id, source.id
             ).operation.id
         with database.session() as session:

@@ -23,12 +23,13 @@ from sqlalchemy.exc import DBAPIError
 
 from models import clock
 from models import endpoint as endpoints
-from models import operation as operations
+from models import migration as migrations
 from models import org_secret as org_secrets
 from models.delivery import Delivery
 from models.operation import Operation, OperationState
 from models.org import issue_key
-from models.policy import RotationPolicy, create_policy, run_due, update_policy
+from models.policy import RotationPolicy, create_policy, update_policy
+from models.policy_runs import run_due
 from receiver import DemoReceiver, serve
 from rotator.logs import JsonFormatter
 from tests.factories import make_tenant
@@ -234,7 +235,7 @@ def test_domain_objects_that_carry_a_secret_do_not_show_it(database, settings):
             session, tenant.org_id, url="https://hooks.example.com/r", events=["brand.vetted"]
         )
         rotated = endpoints.rotate_secret(session, tenant.org_id, created.endpoint.id)
-        started = operations.start_migration(session, tenant.org_id, created.endpoint.id)
+        started = migrations.start_migration(session, tenant.org_id, created.endpoint.id)
         org_rotation = org_secrets.rotate(session, tenant.org_id)
         issued = issue_key(session, tenant.org_id, [])
     shown = {

@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import event, func, select, text, update
 
 from models import clock
+from models import migration as migrations
 from models import operation as operations
 from models.delivery import Delivery, DeliveryKind, DeliveryState
 from models.endpoint import WebhookEndpoint, create_endpoint, signing_key
@@ -49,9 +50,9 @@ def add_source(database, tenant: Tenant, url: str) -> uuid.UUID:
         return created.endpoint.id
 
 
-def start(database, tenant: Tenant, source_id: uuid.UUID, **kwargs) -> operations.Started:
+def start(database, tenant: Tenant, source_id: uuid.UUID, **kwargs) -> migrations.Started:
     with database.session() as session:
-        return operations.start_migration(session, tenant.org_id, source_id, **kwargs)
+        return migrations.start_migration(session, tenant.org_id, source_id, **kwargs)
 
 
 def load(database, operation_id: uuid.UUID) -> Operation:
@@ -258,7 +259,7 @@ def test_an_advance_that_waited_for_the_lock_sees_the_steps_the_other_one_wrote(
 
     waiter = threading.Thread(target=second)
     with database.session() as session:
-        operations.begin_advance(session, op_id)  # create_endpoint, lock held until commit
+        migrations.begin_advance(session, op_id)  # create_endpoint, lock held until commit
         waiter.start()
         if database.dialect == "postgresql":  # SQLite: the one pooled connection serialises
             wait_for_a_lock_wait(database)
@@ -343,7 +344,7 @@ def test_probe_in_flight_is_not_sent_again_until_its_lease_runs_out(database, te
     advance(database, op_id)  # create_endpoint
     # A worker starts the probe (the step claims its attempt) and dies before sending it.
     with database.session() as session:
-        planned = operations.begin_advance(session, op_id)
+        planned = migrations.begin_advance(session, op_id)
     assert planned.probe is not None
     assert planned.probe.delivery_id == planned.probe_delivery_id
     signatures = [v for k, v in planned.probe.headers.items() if "signature" in k.lower()]
@@ -460,13 +461,13 @@ def test_cancel_while_a_refused_probe_is_in_flight_is_not_held_back_by_the_backo
     operation = migration_waiting(database, tenant, refusing)
     to(operation.next_advance_at)
     with database.session() as session:  # a worker starts the next test delivery...
-        planned = operations.begin_advance(session, operation.id)
+        planned = migrations.begin_advance(session, operation.id)
     assert planned.probe is not None
     cancel(database, tenant, operation.id)  # ...the operator cancels meanwhile...
     probe = planned.probe  # ...and the receiver refuses it again
     sent = (probe, sender_for(database).post(probe.url, probe.body, probe.headers))
     with database.session() as session:
-        after = operations.finish_probe(session, operation.id, sent)
+        after = migrations.finish_probe(session, operation.id, sent)
     assert after.again_in == 0.0  # the cancel is due now, not after the next wait
     assert after.recorded is not None
     assert after.recorded.response_status == 401
@@ -484,7 +485,7 @@ def test_a_probe_answered_after_its_operation_rolled_back_is_still_logged(
     op_id = start(database, tenant, source_id).operation.id
     advance(database, op_id)  # create_endpoint
     with database.session() as session:  # a worker claims the test delivery...
-        planned = operations.begin_advance(session, op_id)
+        planned = migrations.begin_advance(session, op_id)
     assert planned.probe is not None
     cancel(database, tenant, op_id)
     to(load(database, op_id).deadline_at)  # ...and meanwhile the rollback runs (the lease is
@@ -494,7 +495,7 @@ def test_a_probe_answered_after_its_operation_rolled_back_is_still_logged(
     probe = planned.probe  # the receiver accepts it, too late
     sent = (probe, sender_for(database).post(probe.url, probe.body, probe.headers))
     with database.session() as session:
-        after = operations.finish_probe(session, op_id, sent)
+        after = migrations.finish_probe(session, op_id, sent)
     assert after.again_in is None
     assert after.recorded is not None
     assert after.recorded.response_status == 200
@@ -580,7 +581,7 @@ def test_overdue_selects_unfinished_operations_late_by_more_than_the_threshold(
 def test_scheduled_rotation_keeps_its_secret_until_revealed(database, tenant, accepting):
     source_id = add_source(database, tenant, accepting.url)
     with database.session() as session:
-        started = operations.start_migration(
+        started = migrations.start_migration(
             session,
             tenant.org_id,
             source_id,

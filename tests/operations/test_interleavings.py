@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 
 from models import clock
 from models import delivery as deliveries
+from models import migration as migrations
 from models import operation as operations
 from models.db import Database
 from models.endpoint import WebhookEndpoint, create_endpoint
@@ -106,7 +107,7 @@ def _begin(db: Database, receiver: DemoReceiver, handoff: str) -> Run:
             url=receiver.url,  # type: ignore[attr-defined]
             events=["brand.vetted"],
         )
-        started = operations.start_migration(
+        started = migrations.start_migration(
             session, org.id, source.endpoint.id, deadline_seconds=DEADLINE_S, handoff=handoff
         )
         assert started.secret is not None
@@ -138,14 +139,14 @@ def _advance(run: Run, receiver: DemoReceiver) -> None:
 def _crash_after_commit(run: Run) -> None:
     """A worker that dies right after the step's transaction: nothing sent."""
     with run.db.session() as session:
-        operations.begin_advance(session, run.operation_id)
+        migrations.begin_advance(session, run.operation_id)
 
 
 def _crash_mid_probe(run: Run, receiver: DemoReceiver) -> None:
     """A worker that dies after the test delivery went out (the step claimed it; the handoff,
     if any, was sent first): its outcome was never recorded."""
     with run.db.session() as session:
-        step = operations.begin_advance(session, run.operation_id)
+        step = migrations.begin_advance(session, run.operation_id)
     if step.deliver_first is not None:
         attempt(run.db, step.deliver_first)
     if step.probe is not None:

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
 from models import clock
-from models import operation as operations
+from models import migration as migrations
 from models.endpoint import WebhookEndpoint, signing_key
 from models.idempotency import IdempotencyKey
 from models.operation import Operation, OperationKind, Trigger
@@ -79,7 +79,7 @@ def endpoint_count(database) -> int:
 def run_step(database, operation_id: str) -> None:
     """One domain step (no HTTP): enough to create the new endpoint or roll back."""
     with database.session() as session:
-        operations.begin_advance(session, uuid.UUID(operation_id))
+        migrations.begin_advance(session, uuid.UUID(operation_id))
 
 
 def get_operation(client, tenant: Tenant, operation_id: str) -> dict[str, Any]:
@@ -289,7 +289,7 @@ def test_another_organizations_operation_is_404_everywhere(client, database, ten
 def test_each_route_needs_its_scope(client, database, tenant):
     pending = started(client, tenant, create(client, tenant)["id"])["id"]
     with database.session() as session:
-        unrevealed = operations.start_migration(
+        unrevealed = migrations.start_migration(
             session,
             tenant.org_id,
             uuid.UUID(create(client, tenant)["id"]),
@@ -324,13 +324,13 @@ def test_reveal_and_cancel_of_an_org_secret_rotation_need_org_admin_write(client
     so another organization's id says nothing."""
     endpoint_id = uuid.UUID(create(client, tenant)["id"])
     with database.session() as session:
-        pending = operations.start_rotation(
+        pending = migrations.start_rotation(
             session, tenant.org_id, None, policy_id=None, scheduled_for=None
         ).id
-        done = operations.start_rotation(
+        done = migrations.start_rotation(
             session, tenant.org_id, None, policy_id=None, scheduled_for=None
         ).id
-        endpoint_rotation = operations.start_rotation(
+        endpoint_rotation = migrations.start_rotation(
             session,
             tenant.org_id,
             endpoint_id,
@@ -683,7 +683,7 @@ def test_list_filters_by_state_kind_and_either_endpoint(client, database, tenant
     clock.travel(timedelta(seconds=1))
     with database.session() as session:
         scheduled = str(
-            operations.start_migration(
+            migrations.start_migration(
                 session,
                 tenant.org_id,
                 uuid.UUID(third["id"]),
@@ -774,7 +774,7 @@ def test_reveal_for_an_api_started_migrate_is_409(client, tenant, source):
 
 def test_reveal_hands_out_a_scheduled_operations_secret_once(client, database, tenant, source):
     with database.session() as session:
-        begun = operations.start_migration(
+        begun = migrations.start_migration(
             session,
             tenant.org_id,
             uuid.UUID(source["id"]),

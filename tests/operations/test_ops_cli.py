@@ -10,7 +10,8 @@ import uuid
 from models import bulk, remote
 from models import provider as providers
 from models.endpoint import create_endpoint
-from models.operation import begin_advance, request_cancel, start_migration
+from models.migration import begin_advance, start_migration
+from models.operation import request_cancel
 from models.org import ALL_SCOPES
 from receiver import DemoReceiver, serve
 from rotator.cli import main

@@ -23,7 +23,8 @@ from models import clock
 from models.endpoint import WebhookEndpoint, signing_key
 from models.operation import Operation
 from models.org import revoke_key
-from models.policy import RotationPolicy, run_due
+from models.policy import RotationPolicy
+from models.policy_runs import run_due
 from models.provider import Provider
 from tests.factories import Tenant, add_key, make_tenant
 from tests.live import serve_api

@@ -18,11 +18,13 @@ import pytest
 from sqlalchemy import select
 
 from models import clock
+from models import migration as migrations
 from models import operation as operations
 from models.endpoint import WebhookEndpoint, create_endpoint, signing_key
 from models.operation import Operation, OperationKind, OperationState, Trigger
 from models.org import ALL_SCOPES
-from models.policy import create_policy, run_due
+from models.policy import create_policy
+from models.policy_runs import run_due
 from tests.api.helpers import assert_error
 from tests.factories import Tenant, make_tenant
 from tests.receivers import ScriptedReceiver, scripted_receiver
@@ -53,7 +55,7 @@ def add_endpoint(database, tenant: Tenant, url: str) -> uuid.UUID:
 def scheduled_migrate(database, tenant: Tenant, source_id: uuid.UUID, **kwargs) -> uuid.UUID:
     """A migration as a policy's run starts it: nobody has seen its secret."""
     with database.session() as session:
-        return operations.start_migration(
+        return migrations.start_migration(
             session,
             tenant.org_id,
             source_id,
@@ -67,7 +69,7 @@ def scheduled_migrate(database, tenant: Tenant, source_id: uuid.UUID, **kwargs) 
 def scheduled_rotation(database, tenant: Tenant, endpoint_id: uuid.UUID | None) -> uuid.UUID:
     """A scheduled immediate rotation (``None``: of the organization's secret), run once."""
     with database.session() as session:
-        operation_id = operations.start_rotation(
+        operation_id = migrations.start_rotation(
             session, tenant.org_id, endpoint_id, policy_id=None, scheduled_for=None
         ).id
     advance(database, operation_id)
@@ -122,7 +124,7 @@ def test_a_migration_started_through_the_api_drops_its_copy_when_it_ends(
     needs the copy."""
     source_id = add_endpoint(database, tenant, receiver.url)
     with database.session() as session:
-        operation_id = operations.start_migration(session, tenant.org_id, source_id).operation.id
+        operation_id = migrations.start_migration(session, tenant.org_id, source_id).operation.id
     advance(database, operation_id)  # create_endpoint
     assert kept(database, operation_id)  # still running: the workers may need it
     assert run_to_the_end(database, operation_id).state == OperationState.SUCCEEDED

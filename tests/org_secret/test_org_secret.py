@@ -12,7 +12,8 @@ from models import clock, org_secret
 from models.delivery import claim, publish
 from models.endpoint import create_endpoint
 from models.org_secret import OrgSecret, SecretState
-from models.policy import create_policy, run_due
+from models.policy import create_policy
+from models.policy_runs import run_due
 from receiver import BadSignature, MissingHeaders, verify
 from tests.factories import add_key, make_tenant
 from tests.support import published_tasks

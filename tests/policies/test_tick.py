@@ -1,4 +1,4 @@
-"""The policy tick (``models.policy.run_due``): one operation per policy and due time, however
+"""The policy tick (``models.policy_runs.run_due``): one operation per policy and due time, however
 many beats tick, missed runs collapsed into one catch-up, and what the runs it starts do.
 
 Time moves with ``models.clock.travel`` (the autouse fixture resets it). No Celery worker runs:
@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from models import clock, org_secret
+from models import migration as migrations
 from models import operation as operations
 from models import policy as policies
 from models.db import Database
@@ -28,7 +29,8 @@ from models.endpoint import WebhookEndpoint, create_endpoint, signing_key
 from models.operation import Operation, OperationKind, OperationState, StepState, Trigger
 from models.org import ALL_SCOPES
 from models.org_secret import OrgSecret, SecretState
-from models.policy import RotationPolicy, Run, run_due
+from models.policy import RotationPolicy
+from models.policy_runs import Run, run_due
 from receiver import DemoReceiver, serve
 from tests.factories import Tenant, make_tenant
 from tests.support import overridden
@@ -300,7 +302,7 @@ def test_deleted_policies_and_ended_ones_start_nothing(database, tenant):
     endpoint = add_endpoint(database, tenant).endpoint
     ended = endpoint_policy(database, tenant, endpoint.id, strategy="rotate")
     with database.session() as session:
-        from models.endpoint import delete_endpoint
+        from models.usecases import delete_endpoint
 
         delete_endpoint(session, tenant.org_id, endpoint.id)
     to(clock.now() + 3 * HOUR)
@@ -318,7 +320,7 @@ def test_a_busy_endpoint_skips_the_run_and_moves_the_schedule(database, tenant, 
     policy = endpoint_policy(database, tenant, endpoint.id, strategy=strategy)
     org_policy = add_policy(database, tenant, target="org_secret")
     with database.session() as session:  # an operator's migration is still running
-        migration = operations.start_migration(session, tenant.org_id, endpoint.id).operation
+        migration = migrations.start_migration(session, tenant.org_id, endpoint.id).operation
     due = policy.next_run_at
     to(due + timedelta(seconds=2))
 
@@ -432,7 +434,7 @@ def test_a_run_another_beat_already_started_is_skipped(database, tenant):
     policy = add_policy(database, tenant, target="org_secret")
     due = policy.next_run_at
     with database.session() as session:  # the other beat's run, for this very due time
-        theirs = operations.start_rotation(
+        theirs = migrations.start_rotation(
             session, tenant.org_id, None, policy_id=policy.id, scheduled_for=due
         )
     to(due + timedelta(seconds=1))
@@ -448,12 +450,12 @@ def test_the_unique_key_refuses_a_second_operation_for_one_due_time(database, te
     policy = add_policy(database, tenant, target="org_secret")
     due = policy.next_run_at
     with database.session() as session:
-        operations.start_rotation(
+        migrations.start_rotation(
             session, tenant.org_id, None, policy_id=policy.id, scheduled_for=due
         )
 
     with pytest.raises(IntegrityError), database.session() as session:
-        operations.start_rotation(
+        migrations.start_rotation(
             session, tenant.org_id, None, policy_id=policy.id, scheduled_for=due
         )
 
@@ -481,10 +483,10 @@ def test_the_unique_key_refuses_a_second_operation_for_one_due_time(database, te
 
     # Another due time, or another policy at the same time, is fine.
     with database.session() as session:
-        operations.start_rotation(
+        migrations.start_rotation(
             session, tenant.org_id, None, policy_id=policy.id, scheduled_for=due + HOUR
         )
-        operations.start_rotation(
+        migrations.start_rotation(
             session, tenant.org_id, None, policy_id=uuid.uuid4(), scheduled_for=due
         )
     assert len(operations_of(database, policy.id)) == 2

@@ -17,12 +17,13 @@ from sqlalchemy import func, select
 from models import clock, idempotency, retention
 from models.db import Database
 from models.delivery import Delivery, DeliveryAttempt, DeliveryState, Event
-from models.endpoint import WebhookEndpoint, create_endpoint, soft_delete
+from models.endpoint import WebhookEndpoint, create_endpoint
 from models.heartbeat import Heartbeat
 from models.idempotency import IdempotencyKey
 from models.ids import new_event_id, new_id
 from models.operation import Operation, OperationState, OperationStep, StepState
 from models.policy import create_policy
+from models.usecases import retire_endpoint
 from rotator.settings import Settings
 from schedules.ticks import prune_history
 from tests.factories import Tenant, make_tenant
@@ -254,7 +255,7 @@ def test_a_deleted_endpoints_history_goes_by_age_and_the_endpoint_row_stays(
     with database.session() as session:
         endpoint = session.get(WebhookEndpoint, endpoint_id)
         assert endpoint is not None
-        soft_delete(session, endpoint)
+        retire_endpoint(session, endpoint)
 
     retention.prune(database)
 
