@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
 from models import clock
-from models.base import Base, IdMixin, UTCDateTime
+from models.base import Base, IdMixin, UTCDateTime, enum_column
 from models.db import after_commit, box_of, settings_of
 from models.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from models.org import Scope
@@ -155,9 +155,9 @@ class Operation(IdMixin, Base):
     )
 
     org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
-    kind: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(32))
-    trigger: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[OperationKind] = mapped_column(enum_column(OperationKind, 32))
+    state: Mapped[OperationState] = mapped_column(enum_column(OperationState, 32))
+    trigger: Mapped[Trigger] = mapped_column(enum_column(Trigger, 16))
     policy_id: Mapped[uuid.UUID | None] = mapped_column()
     scheduled_for: Mapped[datetime | None] = mapped_column(UTCDateTime)
     source_endpoint_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("webhook_endpoints.id"))
@@ -227,8 +227,8 @@ class OperationStep(IdMixin, Base):
 
     operation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("operations.id"))
     position: Mapped[int] = mapped_column(Integer)
-    name: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(16))
+    name: Mapped[Step] = mapped_column(enum_column(Step, 32))
+    state: Mapped[StepState] = mapped_column(enum_column(StepState, 16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import ForeignKey, Index, LargeBinary, String, select, text
+from sqlalchemy import ForeignKey, Index, LargeBinary, select, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models import clock
-from models.base import Base, IdMixin, UTCDateTime
+from models.base import Base, IdMixin, UTCDateTime, enum_column
 from models.db import box_of, settings_of
 from models.ids import new_id
 from models.org import lock_org
@@ -57,14 +57,14 @@ class OrgSecret(IdMixin, Base):
     )
 
     org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[SecretState] = mapped_column(enum_column(SecretState, 16))
     # None once expired: a secret that no longer signs is not kept.
     secret_ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # Set when the secret becomes previous: it signs while valid_until > now.
     valid_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    expired_by: Mapped[str | None] = mapped_column(String(16))
+    expired_by: Mapped[ExpiredBy | None] = mapped_column(enum_column(ExpiredBy, 16))
 
     @property
     def expiry_lag_seconds(self) -> float | None:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from models import clock
 from models import operation as operations
 from models import provider as providers
-from models.base import Base, IdMixin, UTCDateTime
+from models.base import Base, IdMixin, UTCDateTime, enum_column
 from models.db import settings_of
 from models.endpoint import get_endpoint
 from models.errors import Conflict, NotFound, ValidationFailed
@@ -84,12 +84,12 @@ class RotationPolicy(IdMixin, Base):
     )
 
     org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
-    target: Mapped[str] = mapped_column(String(16))
+    target: Mapped[Target] = mapped_column(enum_column(Target, 16))
     endpoint_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("webhook_endpoints.id"))
-    strategy: Mapped[str] = mapped_column(String(16))
+    strategy: Mapped[Strategy] = mapped_column(enum_column(Strategy, 16))
     interval_seconds: Mapped[int] = mapped_column(Integer)
     paused: Mapped[bool] = mapped_column(Boolean, default=False)
-    handoff: Mapped[str] = mapped_column(String(16), default=Handoff.NONE)
+    handoff: Mapped[Handoff] = mapped_column(enum_column(Handoff, 16), default=Handoff.NONE)
     # remote_endpoint: the provider and the remote id (followed to each migration's new one).
     provider_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("providers.id"))
     remote_endpoint_id: Mapped[str | None] = mapped_column(String(64))

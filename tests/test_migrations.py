@@ -9,7 +9,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, inspect, text
 
-from models import Base
+from models import Base, clock
 from models.base import UTCDateTime
 from rotator.migrations import downgrade, upgrade
 
@@ -254,3 +254,32 @@ def test_0009_keeps_stored_responses_and_binds_them_to_no_key(scratch_engine):
     assert "api_key_id" not in {
         column["name"] for column in inspect(scratch_engine).get_columns("idempotency_keys")
     }
+
+
+def test_enum_columns_store_their_values_and_refuse_anything_else(database):
+    """Kinds, states and targets are enum-typed columns: stored as their values (the strings
+    the API shows and the migrations wrote), read back as members, and a string that is not
+    one of them never reaches the table."""
+    from models.org import create_org
+    from models.org_secret import OrgSecret, SecretState
+
+    with database.session() as session:
+        org = create_org(session, "Enums")
+        row = OrgSecret(org_id=org.id, state=SecretState.CURRENT, created_at=clock.now())
+        session.add(row)
+        session.flush()
+        stored = session.execute(
+            sa.select(sa.column("state", sa.String)).select_from(sa.table("org_secrets"))
+        ).scalar_one()
+        assert stored == "current"  # the value, as a plain string
+    with database.session() as session:
+        read = session.get(OrgSecret, row.id)
+        assert read is not None
+        assert read.state is SecretState.CURRENT
+    with database.session() as session:
+        bad = session.get(OrgSecret, row.id)
+        assert bad is not None
+        bad.state = "revoked"
+        with pytest.raises(sa.exc.StatementError):
+            session.flush()
+        session.rollback()

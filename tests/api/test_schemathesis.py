@@ -48,6 +48,7 @@ from models.delivery import Delivery, DeliveryAttempt, Event
 from models.endpoint import WebhookEndpoint, create_endpoint
 from models.ids import new_event_id, new_id
 from models.migration import start_migration
+from models.operation import OperationState
 from models.org import create_org, issue_key
 from models.policy import RotationPolicy, create_policy
 from tests.api.helpers import ULID_RE
@@ -125,7 +126,7 @@ def _fuzzed_tenant(database: Database) -> Fuzzed:
         ]
         operation = start_migration(session, org.id, endpoints[1].id).operation
         ended = start_migration(session, org.id, endpoints[2].id).operation
-        ended.state, ended.finished_at = "canceled", now
+        ended.state, ended.finished_at = OperationState.CANCELED, now
         policy = create_policy(
             session, org.id, target="endpoint", endpoint_id=endpoints[2].id, interval_seconds=3600
         )
