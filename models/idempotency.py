@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -128,3 +129,25 @@ def remember(
         # A concurrent request with this key committed first. The same request would have
         # waited on the same endpoint's lock and found it in ``recall``: this one is another.
         raise DifferentRequest() from None
+
+
+def once(
+    session: Session,
+    org_id: uuid.UUID,
+    key: str | None,
+    fingerprint: str,
+    start: Callable[[], dict[str, Any]],
+    *,
+    api_key_id: uuid.UUID,
+) -> dict[str, Any]:
+    """``start()``'s response, remembered under ``key``; or, when this API key already made this
+    request under ``key``, its first response again without starting anything. Without a key,
+    just ``start()``."""
+    if key is None:
+        return start()
+    stored = recall(session, org_id, key, fingerprint, api_key_id=api_key_id)
+    if stored is not None:
+        return stored
+    response = start()
+    remember(session, org_id, key, fingerprint, response, api_key_id=api_key_id)
+    return response

@@ -84,28 +84,25 @@ def _migrate(
             if stored is not None:
                 return stored
         raise
-    if key is not None:
-        stored = idempotency.recall(session, org_id, key, fingerprint, api_key_id=api_key_id)
-        if stored is not None:
-            return stored
-    started = migrations.start_migration(
-        session,
-        org_id,
-        endpoint_id,
-        url=body.url,
-        events=body.events,
-        description=body.description,
-        deadline_seconds=body.deadline_seconds,
-    )
-    response = {
-        **operation_json(started.operation),
-        "secret": started.secret,
-        "secret_displayed_once": True,
-    }
-    if key is not None:
-        idempotency.remember(session, org_id, key, fingerprint, response, api_key_id=api_key_id)
-    send_after_commit(session, TaskName.OPERATION_ADVANCE, started.operation.id)
-    return response
+
+    def start() -> dict[str, Any]:
+        started = migrations.start_migration(
+            session,
+            org_id,
+            endpoint_id,
+            url=body.url,
+            events=body.events,
+            description=body.description,
+            deadline_seconds=body.deadline_seconds,
+        )
+        send_after_commit(session, TaskName.OPERATION_ADVANCE, started.operation.id)
+        return {
+            **operation_json(started.operation),
+            "secret": started.secret,
+            "secret_displayed_once": True,
+        }
+
+    return idempotency.once(session, org_id, key, fingerprint, start, api_key_id=api_key_id)
 
 
 @router.post(
@@ -157,33 +154,30 @@ def _bulk_migrate(
     fingerprint = idempotency.request_fingerprint(
         "bulk_migrate", body.model_dump(exclude_unset=True, mode="json")
     )
-    if key is not None:
-        stored = idempotency.recall(session, org_id, key, fingerprint, api_key_id=api_key_id)
-        if stored is not None:
-            return 202, stored
-    started = bulk.start(
-        session,
-        org_id,
-        endpoint_ids=body.endpoint_ids,
-        events=body.events,
-        max_concurrency=body.max_concurrency,
-        deadline_seconds=body.deadline_seconds,
-        handoff=body.handoff,
-    )
-    parent = started.operation
-    response = {
-        **operation_json(parent, bulk.children_counts(session, [parent.id]).get(parent.id)),
-        "secrets": [
-            {"source_endpoint_id": str(source_id), "secret": secret}
-            for source_id, secret in started.secrets
-        ],
-        "secrets_displayed_once": True,
-    }
-    if key is not None:
-        idempotency.remember(session, org_id, key, fingerprint, response, api_key_id=api_key_id)
-    for child_id in started.started:
-        send_after_commit(session, TaskName.OPERATION_ADVANCE, child_id)
-    return 202, response
+
+    def start() -> dict[str, Any]:
+        started = bulk.start(
+            session,
+            org_id,
+            endpoint_ids=body.endpoint_ids,
+            events=body.events,
+            max_concurrency=body.max_concurrency,
+            deadline_seconds=body.deadline_seconds,
+            handoff=body.handoff,
+        )
+        for child_id in started.started:
+            send_after_commit(session, TaskName.OPERATION_ADVANCE, child_id)
+        parent = started.operation
+        return {
+            **operation_json(parent, bulk.children_counts(session, [parent.id]).get(parent.id)),
+            "secrets": [
+                {"source_endpoint_id": str(source_id), "secret": secret}
+                for source_id, secret in started.secrets
+            ],
+            "secrets_displayed_once": True,
+        }
+
+    return 202, idempotency.once(session, org_id, key, fingerprint, start, api_key_id=api_key_id)
 
 
 @router.post(

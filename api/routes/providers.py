@@ -203,25 +203,22 @@ def _migrate(
     fingerprint = idempotency.request_fingerprint(
         f"{provider_id}/{remote_id}", body.model_dump(exclude_unset=True)
     )
-    if key is not None:
-        stored = idempotency.recall(session, org_id, key, fingerprint, api_key_id=api_key_id)
-        if stored is not None:
-            return stored
-    operation = remote.start(
-        session,
-        org_id,
-        provider_id,
-        remote_id,
-        url=body.url,
-        events=body.events,
-        description=body.description,
-        deadline_seconds=body.deadline_seconds,
-    )
-    response = operation_json(operation)
-    if key is not None:
-        idempotency.remember(session, org_id, key, fingerprint, response, api_key_id=api_key_id)
-    send_after_commit(session, TaskName.OPERATION_ADVANCE, operation.id)
-    return response
+
+    def start() -> dict[str, Any]:
+        operation = remote.start(
+            session,
+            org_id,
+            provider_id,
+            remote_id,
+            url=body.url,
+            events=body.events,
+            description=body.description,
+            deadline_seconds=body.deadline_seconds,
+        )
+        send_after_commit(session, TaskName.OPERATION_ADVANCE, operation.id)
+        return operation_json(operation)
+
+    return idempotency.once(session, org_id, key, fingerprint, start, api_key_id=api_key_id)
 
 
 @router.post(
