@@ -34,13 +34,12 @@ from models.operation import (
     CONCURRENCY_MAX,
     CONCURRENCY_MIN,
     DEADLINE_DEFAULT_S,
-    DEADLINE_MAX_S,
-    DEADLINE_MIN_S,
     TERMINAL_STATES,
     Operation,
     OperationKind,
     OperationState,
     Trigger,
+    check_deadline,
 )
 
 MAX_NAMED = 1000  # endpoint_ids in one request
@@ -107,9 +106,7 @@ def check(*, max_concurrency: int, deadline_seconds: int, handoff: str) -> None:
         "max_concurrency": None
         if CONCURRENCY_MIN <= max_concurrency <= CONCURRENCY_MAX
         else f"must be {CONCURRENCY_MIN}-{CONCURRENCY_MAX}",
-        "deadline_seconds": None
-        if DEADLINE_MIN_S <= deadline_seconds <= DEADLINE_MAX_S
-        else f"must be {DEADLINE_MIN_S}-{DEADLINE_MAX_S} seconds",
+        "deadline_seconds": check_deadline(deadline_seconds),
         "handoff": None if handoff in HANDOFFS else f"must be one of {', '.join(HANDOFFS)}",
     }
     details = {name: problem for name, problem in problems.items() if problem}

@@ -43,8 +43,6 @@ from models.errors import Conflict, LimitExceeded, NotFound, ValidationFailed
 from models.ids import new_id
 from models.operation import (
     DEADLINE_DEFAULT_S,
-    DEADLINE_MAX_S,
-    DEADLINE_MIN_S,
     MIGRATE_STEPS,
     PROBE_STEPS,
     Operation,
@@ -55,6 +53,7 @@ from models.operation import (
     StepState,
     Trigger,
     busy_conflict,
+    check_deadline,
     count_ended,
     count_started,
     ensure_idle,
@@ -112,9 +111,7 @@ def start_migration(
         "url": check_url(session, params["url"]),
         "events": check_events(params["events"]),
         "description": check_description(params["description"]),
-        "deadline_seconds": None
-        if isinstance(deadline, int) and DEADLINE_MIN_S <= deadline <= DEADLINE_MAX_S
-        else f"must be {DEADLINE_MIN_S}-{DEADLINE_MAX_S} seconds",
+        "deadline_seconds": check_deadline(deadline),
     }
     details = {field: problem for field, problem in problems.items() if problem}
     if details:

@@ -106,6 +106,15 @@ MIGRATE_STEPS: tuple[Step, ...] = (
 )
 PROBE_STEPS = frozenset({Step.SEND_TEST_DELIVERY, Step.AWAIT_SUCCESS})
 DEADLINE_MIN_S, DEADLINE_MAX_S, DEADLINE_DEFAULT_S = 60, 86_400, 900
+
+
+def check_deadline(deadline: object) -> str | None:
+    """What is wrong with a migration's ``deadline_seconds``, or None."""
+    if isinstance(deadline, int) and DEADLINE_MIN_S <= deadline <= DEADLINE_MAX_S:
+        return None
+    return f"must be {DEADLINE_MIN_S}-{DEADLINE_MAX_S} seconds"
+
+
 # A bulk migrate's children active at once (models/bulk.py).
 CONCURRENCY_MIN, CONCURRENCY_MAX, CONCURRENCY_DEFAULT = 1, 50, 5
 REVEAL_RETRY_AFTER_S = 2  # a remote migrate's secret exists once the remote created it
@@ -368,6 +377,8 @@ def new_secret_of(session: Session, operation: Operation) -> str:
     raw = box_of(session).decrypt(
         operation.new_secret_ciphertext, context=secret_context(operation.id)
     )
+    if operation.kind == OperationKind.REMOTE_MIGRATE:
+        return raw.decode()  # the provider's own string, whatever its format
     return base64.b64encode(raw).decode()
 
 

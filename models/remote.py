@@ -25,7 +25,6 @@ with ``PROVIDER_UNAUTHORIZED``.
 
 from __future__ import annotations
 
-import base64
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,8 +57,6 @@ from models.migration import (
 )
 from models.operation import (
     DEADLINE_DEFAULT_S,
-    DEADLINE_MAX_S,
-    DEADLINE_MIN_S,
     MIGRATE_STEPS,
     PROBE_STEPS,
     Operation,
@@ -69,6 +66,7 @@ from models.operation import (
     Step,
     StepState,
     Trigger,
+    check_deadline,
     count_started,
     secret_context,
 )
@@ -154,9 +152,7 @@ def start(
         "url": None if url is None else check_url(session, url),
         "events": None if events is None else check_events(list(events)),
         "description": None if description is None else check_description(description),
-        "deadline_seconds": None
-        if isinstance(deadline, int) and DEADLINE_MIN_S <= deadline <= DEADLINE_MAX_S
-        else f"must be {DEADLINE_MIN_S}-{DEADLINE_MAX_S} seconds",
+        "deadline_seconds": check_deadline(deadline),
     }
     details = {name: problem for name, problem in problems.items() if problem}
     if details:
@@ -406,12 +402,16 @@ def _snapshot(
 ) -> Advance:
     if not reply.ok:
         return _fail(operation, now, "PROVIDER_REJECTED", reply.message())
-    url = operation.params["url"]
-    _params(
-        operation,
-        known_ids=[str(item.get("id")) for item in reply.items() if item.get("url") == url],
-    )
+    _params(operation, known_ids=[item["id"] for item in _with_new_url(operation, reply)])
     return _next(operation, now)
+
+
+def _with_new_url(operation: Operation, reply: Reply) -> list[dict[str, Any]]:
+    """The listed endpoints that have the url the new endpoint gets."""
+    url = operation.params.get("url")
+    return [
+        item for item in reply.items() if item.get("url") == url and isinstance(item.get("id"), str)
+    ]
 
 
 def _created(
@@ -432,12 +432,9 @@ def _adopt(
     session: Session, operation: Operation, remote_id: str, secret: str, now: datetime
 ) -> Advance:
     operation.remote_new_id = remote_id[:64]
-    try:
-        raw = base64.b64decode(secret, validate=True)
-    except ValueError:
-        raw = secret.encode()
+    # Kept as the provider wrote it: reveal-secret hands out that very string.
     operation.new_secret_ciphertext = box_of(session).encrypt(
-        raw, context=secret_context(operation.id)
+        secret.encode(), context=secret_context(operation.id)
     )
     succeed_step(operation.step(Step.CREATE_ENDPOINT), now)
     return _next(operation, now)
@@ -448,16 +445,8 @@ def _found(
 ) -> Advance:
     if not reply.ok:
         return _fail(operation, now, "PROVIDER_REJECTED", reply.message())
-    known = set(operation.params.get("known_ids", ()))
-    url = operation.params.get("url")
-    made = [
-        item
-        for item in reply.items()
-        if item.get("url") == url
-        and isinstance(item.get("id"), str)
-        and item["id"] not in known
-        and item["id"] != operation.remote_source_id
-    ]
+    known = {*operation.params.get("known_ids", ()), operation.remote_source_id}
+    made = [item for item in _with_new_url(operation, reply) if item["id"] not in known]
     if made:
         newest = max(made, key=lambda item: (str(item.get("created_at", "")), item["id"]))
         operation.remote_new_id = newest["id"][:64]

@@ -12,8 +12,8 @@ import json
 import logging
 import time
 from collections.abc import Mapping
+from contextlib import closing
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from models.provider import Account
@@ -206,21 +206,10 @@ class Remote:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> Remote:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def perform(settings: Settings, call: RemoteCall) -> Answer:
     """Make the call a remote migrate's step asked for (models/remote.py)."""
-    with Remote(settings, call.account) as remote:
+    with closing(Remote(settings, call.account)) as remote:
         if call.call in (Call.SNAPSHOT, Call.FIND):
             return remote.all_endpoints()
         if call.call == Call.CREATE:
@@ -240,7 +229,7 @@ def perform(settings: Settings, call: RemoteCall) -> Answer:
 def check_account(settings: Settings, account: Account) -> dict[str, str] | None:
     """Whether the remote accepts the key: None, or the 422 details saying what is wrong
     (``api_key`` when the remote refused it, ``base_url`` for any other failure)."""
-    with Remote(settings, account) as remote:
+    with closing(Remote(settings, account)) as remote:
         answer = remote.list_endpoints(limit=1)
     if answer.ok and isinstance(answer.body, dict):
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from contextlib import closing
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -165,7 +166,7 @@ async def delete_provider(provider_id: uuid.UUID, caller: Admin) -> Response:
 
 
 def _list_remote(account: Account, settings: Any, limit: int, cursor: str | None) -> Answer:
-    with Remote(settings, account) as remote_api:
+    with closing(Remote(settings, account)) as remote_api:
         return remote_api.list_endpoints(limit=limit, cursor=cursor)
 
 

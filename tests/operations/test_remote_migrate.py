@@ -287,10 +287,12 @@ def test_past_the_deadline_the_new_remote_endpoint_is_deleted(
     assert len(proxy.calls("DELETE")) == 1
 
 
-def test_cancel_deletes_the_new_remote_endpoint_and_keeps_the_old(
-    client, database, tenant, remote_tenant, remote_api, proxy, refusing
-):
-    old = remote_endpoint(remote_api, remote_tenant, refusing.url)
+def awaiting_receiver(
+    client, database, tenant: Tenant, remote_tenant: Tenant, remote_api: str, proxy, url: str
+) -> tuple[dict[str, Any], str, str]:
+    """A remote migrate whose new endpoint exists and whose receiver refuses it: the old
+    remote endpoint, the operation id, the new remote id."""
+    old = remote_endpoint(remote_api, remote_tenant, url)
     provider_id = register(client, tenant, proxy, remote_tenant)
     operation_id = migrate(client, tenant, provider_id, old["id"]).json()["id"]
     for _ in range(5):
@@ -298,6 +300,15 @@ def test_cancel_deletes_the_new_remote_endpoint_and_keeps_the_old(
     waiting = load(database, operation_id)
     assert waiting.state == "awaiting_receiver"
     assert waiting.remote_new_id is not None
+    return old, operation_id, waiting.remote_new_id
+
+
+def test_cancel_deletes_the_new_remote_endpoint_and_keeps_the_old(
+    client, database, tenant, remote_tenant, remote_api, proxy, refusing
+):
+    old, operation_id, _ = awaiting_receiver(
+        client, database, tenant, remote_tenant, remote_api, proxy, refusing.url
+    )
 
     canceled = client.post(f"/v1/operations/{operation_id}/cancel", headers=tenant.headers)
     assert canceled.status_code == 202, canceled.text
@@ -312,13 +323,9 @@ def test_cancel_deletes_the_new_remote_endpoint_and_keeps_the_old(
 def test_a_key_revoked_at_the_provider_fails_the_operation_naming_what_it_left(
     client, database, tenant, remote_tenant, remote_api, proxy, refusing
 ):
-    old = remote_endpoint(remote_api, remote_tenant, refusing.url)
-    provider_id = register(client, tenant, proxy, remote_tenant)
-    operation_id = migrate(client, tenant, provider_id, old["id"]).json()["id"]
-    for _ in range(5):
-        advance(database, uuid.UUID(operation_id))
-    created = load(database, operation_id).remote_new_id
-    assert created is not None
+    _, operation_id, created = awaiting_receiver(
+        client, database, tenant, remote_tenant, remote_api, proxy, refusing.url
+    )
     with database.session() as session:
         revoke_key(session, remote_tenant.key_id)
     clock.travel(timedelta(seconds=10))  # past the remote's memory of the key, and the wait
