@@ -582,6 +582,22 @@ def _finish_probe(
     step.last_error = error
     if operation.cancel_requested:  # canceled while the probe was in flight: roll back now
         return advance_now(operation, now)
+    operation.state = OperationState.AWAITING_RECEIVER
+    return back_off(session, operation, step, now)
+
+
+def back_off(
+    session: Session,
+    operation: Operation,
+    step: OperationStep | None,
+    now: datetime,
+    *,
+    wait_s: float | None = None,
+    until_deadline: bool = True,
+) -> Advance:
+    """Try the step again later: after ``wait_s`` when given (a Retry-After), else after the
+    migrate backoff (the first wait, doubling up to the last); no later than the deadline
+    unless ``until_deadline`` is False (a clean-up that must go on past it)."""
     settings = settings_of(session)
     wait = (
         settings.migrate_backoff_initial_seconds
@@ -589,12 +605,12 @@ def _finish_probe(
         else min(operation.wait_seconds * 2, settings.migrate_backoff_max_seconds)
     )
     operation.wait_seconds = wait
-    next_at = now + timedelta(seconds=wait)
-    if operation.deadline_at is not None:
-        next_at = min(next_at, operation.deadline_at)
-    step.next_attempt_at = next_at
+    next_at = now + timedelta(seconds=wait if wait_s is None else wait_s)
+    if operation.deadline_at is not None and until_deadline:
+        next_at = min(next_at, max(operation.deadline_at, now))
+    if step is not None:
+        step.next_attempt_at = next_at
     operation.next_advance_at = next_at
-    operation.state = OperationState.AWAITING_RECEIVER
     return Advance(again_in=max(0.0, (next_at - now).total_seconds()))
 
 

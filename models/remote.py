@@ -46,6 +46,7 @@ from models.migration import (
     NOTHING,
     Advance,
     advance_now,
+    back_off,
     begin_step,
     close_steps,
     finish,
@@ -499,7 +500,7 @@ def _tested(
     step.state = StepState.RUNNING
     step.last_error = error
     operation.state = OperationState.AWAITING_RECEIVER
-    return _backoff(session, operation, now, None, step)
+    return back_off(session, operation, step, now)
 
 
 def _deleted_old(
@@ -571,33 +572,9 @@ def _wait(
                 f"the provider kept failing: {error}",
                 _left_behind(operation, call),
             )
-    return _backoff(session, operation, now, retry_after_s, step)
-
-
-def _backoff(
-    session: Session,
-    operation: Operation,
-    now: datetime,
-    retry_after_s: float | None,
-    step: OperationStep | None,
-) -> Advance:
-    settings = settings_of(session)
-    wait = (
-        settings.migrate_backoff_initial_seconds
-        if operation.wait_seconds <= 0
-        else min(operation.wait_seconds * 2, settings.migrate_backoff_max_seconds)
-    )
-    operation.wait_seconds = wait
-    if retry_after_s is not None:
-        wait = min(max(retry_after_s, 0.0), RETRY_AFTER_MAX_S)
-    next_at = now + timedelta(seconds=wait)
     cleaning = operation.params.get("rollback") is not None or operation.old_endpoint_deleted
-    if operation.deadline_at is not None and not cleaning:
-        next_at = min(next_at, max(operation.deadline_at, now))
-    if step is not None:
-        step.next_attempt_at = next_at
-    operation.next_advance_at = next_at
-    return Advance(again_in=max(0.0, (next_at - now).total_seconds()))
+    wait_s = None if retry_after_s is None else min(max(retry_after_s, 0.0), RETRY_AFTER_MAX_S)
+    return back_off(session, operation, step, now, wait_s=wait_s, until_deadline=not cleaning)
 
 
 def _left_behind(operation: Operation, call: RemoteCall) -> dict[str, str] | None:
