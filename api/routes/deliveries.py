@@ -23,7 +23,7 @@ from api.schemas import (
     attempt_json,
     list_json,
 )
-from models import delivery as deliveries
+from models import delivery_log
 from models.clock import rfc3339
 from models.errors import ValidationFailed
 from models.org import Scope
@@ -55,7 +55,7 @@ async def list_deliveries(
     cursor: CursorParam = None,
 ) -> JSONResponse:
     """One row per delivery attempt, newest first."""
-    filters = deliveries.AttemptFilter(
+    filters = delivery_log.AttemptFilter(
         endpoint_id=endpoint_id,
         event_type=event_type,
         outcome=outcome,
@@ -65,7 +65,7 @@ async def list_deliveries(
         http_status_max=http_status_max,
     )
     filters.validate()
-    page = await caller.run(deliveries.list_attempts, filters=filters, limit=limit, cursor=cursor)
+    page = await caller.run(delivery_log.list_attempts, filters=filters, limit=limit, cursor=cursor)
     return JSONResponse(
         list_json([attempt_json(a) for a in page.items], limit=limit, next_cursor=page.next_cursor)
     )
@@ -76,12 +76,12 @@ async def list_deliveries(
 )
 async def get_delivery(delivery_id: uuid.UUID, caller: Reader) -> JSONResponse:
     """One delivery attempt."""
-    attempt = await caller.run(deliveries.get_attempt, delivery_id)
+    attempt = await caller.run(delivery_log.get_attempt, delivery_id)
     return JSONResponse(attempt_json(attempt))
 
 
 def _replay(session: Session, org_id: uuid.UUID, attempt_id: uuid.UUID) -> dict[str, Any]:
-    replayed = deliveries.replay(session, org_id, attempt_id)
+    replayed = delivery_log.replay(session, org_id, attempt_id)
     enqueue_deliveries(session, [replayed.delivery.id])
     return {
         "delivery_id": str(replayed.source.id),
