@@ -487,7 +487,10 @@ def request_cancel(
     if operation.old_endpoint_deleted:
         raise Conflict("the old endpoint is already deleted; the migration cannot be canceled")
     operation.cancel_requested = True
-    operation.next_advance_at = clock.now()
+    # A remote migrate's call in flight keeps its lease: the answer is recorded first (what it
+    # created must be known to be deleted), then the roll back runs at once (models/remote.py).
+    if not operation.params.get("calling"):
+        operation.next_advance_at = clock.now()
     operation.updated_at = clock.now()
     return operation
 

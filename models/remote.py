@@ -332,6 +332,7 @@ def _making(session: Session, operation: Operation, now: datetime, call: RemoteC
     lease = 2 * settings_of(session).provider_timeout_seconds + 5
     operation.next_advance_at = now + timedelta(seconds=lease)
     operation.updated_at = now
+    _params(operation, calling=str(call.call))  # a cancel meanwhile waits for the answer
     return call
 
 
@@ -344,7 +345,15 @@ def record(session: Session, operation_id: uuid.UUID, call: RemoteCall, reply: R
         before = step_states(operation)
         now = clock.now()
         operation.updated_at = now
+        _params(operation, calling=None)
         advance = _record(session, operation, call, reply, now)
+        if (
+            operation.cancel_requested
+            and not operation.finished
+            and operation.params.get("rollback") is None
+            and not operation.old_endpoint_deleted
+        ):
+            advance = advance_now(operation, now)  # canceled during the call: roll back now
         return reported(operation, before, advance)
 
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from models import clock
+from models import clock, remote
 from models.endpoint import WebhookEndpoint, signing_key
 from models.operation import Operation
 from models.org import revoke_key
@@ -32,6 +32,7 @@ from tests.providers import ProviderProxy, provider_proxy
 from tests.receivers import ScriptedReceiver
 from tests.support import overridden
 from workers.operations import advance
+from workers.remote import perform
 
 
 @pytest.fixture
@@ -445,3 +446,35 @@ def test_a_remote_migrate_replays_under_its_idempotency_key_and_logs_no_key(
     calls = [record for record in caplog.records if record.getMessage() == "provider call"]
     assert {record.__dict__["method"] for record in calls} >= {"GET", "POST", "DELETE"}
     assert all(remote_tenant.api_key not in str(record.__dict__) for record in caplog.records)
+
+
+def test_a_cancel_during_the_create_call_deletes_what_that_call_created(
+    client, database, tenant, remote_tenant, remote_api, proxy, old
+):
+    """The cancel arrives while the create is at the provider: the operation stays leased
+    until the answer is recorded (so the new endpoint is known), then rolls back at once."""
+    provider_id = register(client, tenant, proxy, remote_tenant)
+    operation_id = uuid.UUID(migrate(client, tenant, provider_id, old["id"]).json()["id"])
+    advance(database, operation_id)  # lookup
+    advance(database, operation_id)  # snapshot
+    with database.session() as session:
+        call, _ = remote.begin(session, operation_id)
+    assert call is not None
+    assert call.call == remote.Call.CREATE
+    leased = load(database, operation_id).next_advance_at
+
+    canceled = client.post(f"/v1/operations/{operation_id}/cancel", headers=tenant.headers)
+    assert canceled.status_code == 202, canceled.text
+    assert load(database, operation_id).next_advance_at == leased  # still leased
+    calls_before = len(proxy.seen)
+    advance(database, operation_id)  # the cancel's own wake-up: early, calls nothing
+    assert len(proxy.seen) == calls_before
+    reply = perform(database.settings, call)
+    with database.session() as session:
+        after = remote.record(session, operation_id, call, reply)
+    assert after.again_in == 0.0
+    done = drive(database, str(operation_id))
+
+    assert done.state == "canceled"
+    assert remote_ids(remote_api, remote_tenant) == {old["id"]}
+    assert len(proxy.calls("POST", "/v1/webhooks")) == 1
