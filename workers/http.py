@@ -36,7 +36,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from functools import cache
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -493,11 +492,23 @@ def _describe(exc: BaseException) -> str:
     return f"unexpected error: {type(exc).__name__}"
 
 
-@cache
+_ssl_lock = threading.Lock()
+_ssl_made: list[ssl.SSLContext] = []
+
+
 def _ssl_context() -> ssl.SSLContext:
     """One per process, shared by every Sender: building one loads the CA bundle (~25 ms and
-    ~0.3 MB each), and an SSLContext is safe to share between threads and connections."""
-    return httpx.create_ssl_context(trust_env=False)
+    ~0.3 MB each), and an SSLContext is safe to share between threads and connections.
+
+    Built under a lock: the dispatcher's posting threads all make their first Sender at once,
+    and without it each of them built (and threw away) a context of its own, ~1.6 CPU s per
+    process (docs/performance.md, "With the dispatcher")."""
+    if _ssl_made:
+        return _ssl_made[0]
+    with _ssl_lock:
+        if not _ssl_made:
+            _ssl_made.append(httpx.create_ssl_context(trust_env=False))
+        return _ssl_made[0]
 
 
 def _build_transport(
