@@ -190,11 +190,11 @@ class Dispatcher:
             for row in recorded:
                 report_attempt(self.db, row)
 
-    def _record_batch(self, batch: list[_Sent]) -> list[deliveries.DeliveryAttempt]:
+    def _record_batch(self, batch: list[_Sent]) -> list[deliveries.LoggedAttempt]:
         for attempt in range(1, RECORD_TRIES + 1):
             try:
                 with self.db.session() as session:
-                    return [item.attempt for item in deliveries.record_many(session, batch)]
+                    return deliveries.record_logged(session, batch)
             except Exception:
                 log.exception("recording deliveries failed", extra={"attempt": attempt})
                 threading.Event().wait(ERROR_PAUSE_S)
