@@ -116,15 +116,19 @@ class Dispatcher:
         low_water = max(1, self.slots // 4)
         backlog = False  # the last claim filled every free slot: more work is waiting
         capped = False  # work was due that the last claim left to requests still in flight
+        free_after = 0  # free slots right after the last claim
         while True:
             with self._changed:
                 while self._free == 0 and not self._stopping:
                     self._changed.wait()
                 if (backlog or capped) and not self._stopping:
                     # Claim per batch of finished requests, not per request: wait a moment for
-                    # more slots (or, under a cap, more of the capped requests) to free up.
+                    # more of this process's requests (capped or not) to end, unless a batch
+                    # of them already has; their slots, and under a cap their share of it,
+                    # are what the next claim can take.
+                    batch = min(low_water, max(1, self.slots - free_after))
                     deadline = time.monotonic() + CLAIM_GATHER_S
-                    while not self._stopping and not (backlog and self._free >= low_water):
+                    while not self._stopping and self._free - free_after < batch:
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
@@ -146,11 +150,11 @@ class Dispatcher:
             # Due now yet not claimed: held back by a cap until a request in flight ends.
             capped = not backlog and due_in == 0
             idle_for = CAPPED_POLL_S if capped else due_in
-            if plans:
-                with self._changed:
-                    self._free -= len(plans)
-                for plan in plans:
-                    self._posting.submit(self._post, plan)
+            with self._changed:
+                self._free -= len(plans)
+                free_after = self._free
+            for plan in plans:
+                self._posting.submit(self._post, plan)
             if idle_for > 0:
                 with self._changed:
                     if not self._woken and not self._stopping:
