@@ -47,8 +47,9 @@ RECORD_TRIES = 5
 # first for more to finish: one transaction per several attempts, not one each.
 RECORD_BATCH = 200
 RECORD_GATHER_S = 0.005
-# With work still due, the dispatcher claims again once a quarter of its slots are free, or
-# this long after the first one freed: a claim per batch of work, not per finished request.
+# With work still due, the dispatcher claims again once a quarter of its slots are free (under
+# a cap: once the recorder has freed a batch of them), or this long after the first one freed:
+# a claim per batch of work, not per finished request.
 CLAIM_GATHER_S = 0.02
 # Work is due but every candidate's endpoint or organization is at its cap: look again after
 # this long, or as soon as one of this process's requests ends.
@@ -123,10 +124,11 @@ class Dispatcher:
                     self._changed.wait()
                 if (backlog or capped) and not self._stopping:
                     # Claim per batch of finished requests, not per request: wait a moment for
-                    # more of this process's requests (capped or not) to end, unless a batch
-                    # of them already has; their slots, and under a cap their share of it,
-                    # are what the next claim can take.
-                    batch = min(low_water, max(1, self.slots - free_after))
+                    # a quarter of the slots to free up. Under a cap, for the next batch the
+                    # recorder frees (it records in batches already): what those requests
+                    # held of the cap is what the next claim can take, and waiting longer
+                    # only leaves it unused (docs/performance.md, "With the dispatcher").
+                    batch = low_water if backlog else 1
                     deadline = time.monotonic() + CLAIM_GATHER_S
                     while not self._stopping and self._free - free_after < batch:
                         left = deadline - time.monotonic()
