@@ -39,6 +39,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 from sqlalchemy.sql.elements import BindParameter
 
@@ -841,6 +842,10 @@ def _record(
         return [], []
     settings = settings_of(session)
     now = clock.now()
+    if all(result.ok for _, result in sent):
+        connection = session.connection()
+        if connection.dialect.name == "postgresql":
+            return _record_successes(connection, sent, now), [None] * len(sent)
     succeeded = [plan.delivery_id for plan, result in sent if result.ok]
     outcomes: dict[uuid.UUID, tuple[Outcome, float | None]] = dict.fromkeys(
         succeeded, (Outcome.SUCCESS, None)
@@ -911,6 +916,86 @@ def _record(
         )
     session.connection().execute(insert(_ATTEMPTS), rows)
     return rows, [outcomes[plan.delivery_id][1] for plan, _ in sent]
+
+
+# ``_record`` of a batch whose every attempt succeeded, on PostgreSQL: what the general path
+# does in three statements (the deliveries' ``UPDATE``, ``circuit.note``'s ``DELETE`` of the
+# circuits a success closes, the attempts' ``INSERT``), in one. They touch different tables and
+# none depends on another's result: a success is logged ``success`` whether or not its delivery
+# was still pending. One round trip instead of three, and one statement to execute instead of
+# one per attempt row (docs/performance.md, "With the dispatcher").
+_RECORD_SUCCESSES = text(
+    """
+    WITH moved AS (
+        UPDATE deliveries
+        SET state = 'succeeded', next_attempt_at = NULL, leased_until = NULL, updated_at = :now
+        WHERE id = ANY(CAST(:delivery_id AS uuid[])) AND state = 'pending'
+    ), closed AS (
+        DELETE FROM endpoint_circuits WHERE endpoint_id = ANY(CAST(:endpoint_id AS uuid[]))
+    )
+    INSERT INTO delivery_attempts (
+        id, org_id, delivery_id, endpoint_id, event_id, event_type, url, attempt, outcome,
+        response_status, response_time_ms, request_body_sha256, request_body_bytes,
+        response_body_excerpt, request_headers, error, occurred_at
+    )
+    SELECT
+        id, org_id, delivery_id, endpoint_id, event_id, event_type, url, attempt, 'success',
+        response_status, response_time_ms, request_body_sha256, request_body_bytes,
+        response_body_excerpt, CAST(request_headers AS json), NULL, :now
+    FROM unnest(
+        CAST(:id AS uuid[]), CAST(:org_id AS uuid[]), CAST(:delivery_id AS uuid[]),
+        CAST(:endpoint_id AS uuid[]), CAST(:event_id AS text[]), CAST(:event_type AS text[]),
+        CAST(:url AS text[]), CAST(:attempt AS integer[]), CAST(:response_status AS integer[]),
+        CAST(:response_time_ms AS integer[]), CAST(:request_body_sha256 AS text[]),
+        CAST(:request_body_bytes AS integer[]), CAST(:response_body_excerpt AS text[]),
+        CAST(:request_headers AS text[])
+    ) AS row (
+        id, org_id, delivery_id, endpoint_id, event_id, event_type, url, attempt,
+        response_status, response_time_ms, request_body_sha256, request_body_bytes,
+        response_body_excerpt, request_headers
+    )
+    """
+).bindparams(bindparam("now", type_=UTCDateTime()))
+
+_SUCCESS_COLUMNS = (
+    "id",
+    "org_id",
+    "delivery_id",
+    "endpoint_id",
+    "event_id",
+    "event_type",
+    "url",
+    "attempt",
+    "response_status",
+    "response_time_ms",
+    "request_body_sha256",
+    "request_body_bytes",
+    "response_body_excerpt",
+)
+
+
+def _record_successes(
+    connection: Connection, sent: Sequence[tuple[AttemptPlan, AttemptResult]], now: datetime
+) -> list[dict[str, Any]]:
+    rows = [
+        _attempt_row(
+            plan,
+            attempt=plan.attempt,
+            outcome=Outcome.SUCCESS,
+            status=result.status,
+            elapsed_ms=result.elapsed_ms,
+            excerpt=result.body_excerpt,
+            error=None,
+            headers=recorded_headers(plan.headers),
+            now=now,
+        )
+        for plan, result in sent
+    ]
+    params: dict[str, Any] = {name: [row[name] for row in rows] for name in _SUCCESS_COLUMNS}
+    params["request_headers"] = [json.dumps(row["request_headers"]) for row in rows]
+    params["now"] = now
+    connection.execute(_RECORD_SUCCESSES, params)
+    return rows
 
 
 def _attempt_row(
