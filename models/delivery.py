@@ -936,9 +936,10 @@ _RECORD_SUCCESSES = text(
     ), moved AS (
         UPDATE deliveries
         SET state = 'succeeded', next_attempt_at = NULL, leased_until = NULL, updated_at = :now
-        WHERE id IN (SELECT delivery_id FROM attempt) AND state = 'pending'
+        WHERE id = ANY(ARRAY(SELECT delivery_id FROM attempt)) AND state = 'pending'
     ), closed AS (
-        DELETE FROM endpoint_circuits WHERE endpoint_id IN (SELECT endpoint_id FROM attempt)
+        DELETE FROM endpoint_circuits
+        WHERE endpoint_id = ANY(ARRAY(SELECT endpoint_id FROM attempt))
     )
     INSERT INTO delivery_attempts (
         id, org_id, delivery_id, endpoint_id, event_id, event_type, url, attempt, outcome,
@@ -960,7 +961,9 @@ def _record_successes(
     connection: Connection, sent: Sequence[tuple[AttemptPlan, AttemptResult]], now: datetime
 ) -> list[dict[str, Any]]:
     """The rows travel as one JSON document (``json_to_recordset``): dumping them as one
-    array parameter per column cost more CPU than the rest of the record."""
+    array parameter per column cost more CPU than the rest of the record. The ids are matched
+    as ``= ANY(ARRAY(…))``, evaluated once: with ``IN (SELECT …)`` PostgreSQL re-ran the
+    function for every pending delivery."""
     rows = [
         _attempt_row(
             plan,
