@@ -652,9 +652,10 @@ def claim_due(session: Session, limit: int) -> list[AttemptPlan]:
     if limit < 1:
         return []
     settings = settings_of(session)
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CLAIM_LOCK})
-    chosen = session.execute(
+    connection = session.connection()  # Core statements only: no ORM session machinery
+    if connection.dialect.name == "postgresql":
+        connection.execute(_LOCK_STATEMENT, {"key": _CLAIM_LOCK})
+    chosen = connection.execute(
         _due_statement(),
         {
             "now": clock.now(),
@@ -670,6 +671,7 @@ def claim_due(session: Session, limit: int) -> list[AttemptPlan]:
 
 # Serialises the data plane's claims on PostgreSQL (an arbitrary constant of Rotator's own).
 _CLAIM_LOCK = 0x526F7461
+_LOCK_STATEMENT = text("SELECT pg_advisory_xact_lock(:key)")
 
 
 @functools.cache
@@ -756,14 +758,19 @@ def _due_statement() -> Select[tuple[uuid.UUID, bool]]:
 def next_due_in(session: Session, *, longest: float) -> float:
     """Seconds until the next event delivery falls due (0 if one is due now), at most
     ``longest``: how long an idle dispatcher may sleep before it looks again."""
-    earliest = session.scalar(
-        select(func.min(Delivery.next_attempt_at)).where(
-            Delivery.state == DeliveryState.PENDING, Delivery.kind == DeliveryKind.EVENT
-        )
-    )
+    earliest: datetime | None = session.connection().execute(_next_due_statement()).scalar()
     if earliest is None:
         return longest
     return max(0.0, min(longest, (earliest - clock.now()).total_seconds()))
+
+
+@functools.cache
+def _next_due_statement() -> Any:
+    """``next_due_in``'s query, built once (an idle dispatcher runs it after every claim)."""
+    column = _DELIVERIES.c
+    return select(func.min(column.next_attempt_at)).where(
+        column.state == DeliveryState.PENDING.value, column.kind == DeliveryKind.EVENT.value
+    )
 
 
 def claim(session: Session, delivery_id: uuid.UUID) -> AttemptPlan | None:
