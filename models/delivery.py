@@ -448,6 +448,7 @@ class _ClaimStatements:
     claim: Any
     abandon: Any
     sources: Any
+    claim_with_sources: Any  # PostgreSQL: ``claim`` and ``sources`` as one statement
 
 
 @functools.cache
@@ -462,8 +463,8 @@ def _claim_statements() -> _ClaimStatements:
     column = _DELIVERIES.c
     endpoint = _ENDPOINTS.c
     event = _EVENTS.c
-    return _ClaimStatements(
-        claim=update(_DELIVERIES)
+    claim = (
+        update(_DELIVERIES)
         .where(
             column.id.in_(ids),
             column.state == DeliveryState.PENDING.value,
@@ -486,7 +487,32 @@ def _claim_statements() -> _ClaimStatements:
             column.event_id,
             column.kind,
             column.attempts,
-        ),
+        )
+    )
+    # The claimed rows joined to what they send, in the claim's own statement (a data-modifying
+    # CTE, which SQLite does not have): one round trip less per claim.
+    claimed = claim.cte("claimed")
+    claim_with_sources = (
+        select(
+            claimed.c.id,
+            claimed.c.org_id,
+            claimed.c.endpoint_id,
+            claimed.c.event_id,
+            claimed.c.kind,
+            claimed.c.attempts,
+            endpoint.url,
+            endpoint.api_version,
+            endpoint.secret_ciphertext,
+            event.type,
+            event.data,
+            event.created_at,
+        )
+        .join(_ENDPOINTS, endpoint.id == claimed.c.endpoint_id)
+        .join(_EVENTS, event.id == claimed.c.event_id)
+    )
+    return _ClaimStatements(
+        claim=claim,
+        claim_with_sources=claim_with_sources,
         abandon=update(_DELIVERIES)
         .where(
             column.id.in_(ids),
@@ -551,18 +577,23 @@ def claim_many(
         )
     statements = _claim_statements()
     connection = session.connection()
+    claiming = {"ids": ids, "due_by": now + timedelta(seconds=1), "lease": lease, "now": now}
+    postgresql = connection.dialect.name == "postgresql"
     claimed = connection.execute(
-        statements.claim,
-        {"ids": ids, "due_by": now + timedelta(seconds=1), "lease": lease, "now": now},
+        statements.claim_with_sources if postgresql else statements.claim, claiming
     ).all()
     if len(claimed) < len(ids):
         connection.execute(statements.abandon, {"ids": ids, "now": now})
     if not claimed:
         return []
-    sources = {
-        row.id: row
-        for row in connection.execute(statements.sources, {"ids": [row.id for row in claimed]})
-    }
+    sources = (
+        {row.id: row for row in claimed}
+        if postgresql
+        else {
+            row.id: row
+            for row in connection.execute(statements.sources, {"ids": [row.id for row in claimed]})
+        }
+    )
     org_keys = org_secret.signing_keys_of(session, {row.org_id for row in claimed})
     timestamp = int(now.timestamp())
     bodies: dict[tuple[str, str], bytes] = {}
