@@ -621,12 +621,13 @@ class Sender:
         error: str | None = None
         retry_after: float | None = None
 
-        refusal = self._refuse_url(url)
-        if refusal is not None:
-            error = refusal
+        parsed = self._parse_url(url)
+        if isinstance(parsed, str):
+            error = parsed
         else:
             try:
-                request = self._client.build_request("POST", url, content=body, headers=headers)
+                # The URL that was checked, parsed once (parsing it cost ~4 % of a worker's CPU).
+                request = self._client.build_request("POST", parsed, content=body, headers=headers)
                 request.headers["User-Agent"] = USER_AGENT
                 response = self._client.send(request, stream=True)
             except Exception as exc:
@@ -661,8 +662,8 @@ class Sender:
             retry_after_s=retry_after,
         )
 
-    def _refuse_url(self, url: str) -> str | None:
-        """Why ``url`` is refused before any connection is attempted, or None."""
+    def _parse_url(self, url: str) -> httpx.URL | str:
+        """``url`` parsed, or why it is refused before any connection is attempted."""
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, ValueError, TypeError):
@@ -673,7 +674,7 @@ class Sender:
             return "invalid url"
         if parsed.scheme != "https" and not self.allow_insecure:
             return "blocked destination: https required"
-        return None
+        return parsed
 
     def close(self) -> None:
         """Close pooled connections; the Sender cannot send afterwards."""
