@@ -501,8 +501,8 @@ def _ssl_context() -> ssl.SSLContext:
     ~0.3 MB each), and an SSLContext is safe to share between threads and connections.
 
     Built under a lock: the dispatcher's posting threads all make their first Sender at once,
-    and without it each of them built (and threw away) a context of its own, ~1.6 CPU s per
-    process (docs/performance.md, "With the dispatcher")."""
+    and without it each of them built a context of its own (a cache miss each), over a CPU second
+    per process (docs/performance.md, "With the dispatcher")."""
     if _ssl_made:
         return _ssl_made[0]
     with _ssl_lock:
