@@ -16,8 +16,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from functools import cache
+from typing import Any, cast
 
-from sqlalchemy import ForeignKey, Integer, delete, func, select
+from sqlalchemy import ForeignKey, Integer, Table, bindparam, delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -72,11 +74,8 @@ def note(
     for endpoint_id in succeeded:
         failed.pop(endpoint_id, None)
     if succeeded:
-        session.execute(
-            delete(EndpointCircuit)
-            .where(EndpointCircuit.endpoint_id.in_(succeeded))
-            .execution_options(synchronize_session=False)
-        )
+        # Core, on the session's connection: it runs for every batch the data plane records.
+        session.connection().execute(_close_statement(), {"ids": list(succeeded)})
     if not failed:
         return {}
     settings = settings_of(session)
@@ -113,6 +112,13 @@ def note(
             opened[row.endpoint_id] = row.open_until
     session.flush()
     return opened
+
+
+@cache
+def _close_statement() -> Any:
+    """``note``'s ``DELETE`` of the circuits a success closes, built once."""
+    table = cast(Table, EndpointCircuit.__table__)
+    return delete(table).where(table.c.endpoint_id.in_(bindparam("ids", expanding=True)))
 
 
 def open_count(session: Session) -> int:

@@ -40,6 +40,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 from sqlalchemy.sql.elements import BindParameter
 
@@ -155,6 +156,8 @@ class DeliveryAttempt(IdMixin, Base):
 # bulk-insert bookkeeping, which costs more than the statement on a 20-row batch.
 _DELIVERIES = cast(Table, Delivery.__table__)
 _ATTEMPTS = cast(Table, DeliveryAttempt.__table__)
+_EVENTS = cast(Table, Event.__table__)
+_ENDPOINTS = cast(Table, WebhookEndpoint.__table__)
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,19 @@ class AttemptResult(Protocol):
 class Recorded:
     attempt: DeliveryAttempt
     retry_in: float | None  # seconds until the next attempt, when one is scheduled
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedAttempt:
+    """What the log line and the latency metric of one recorded attempt need: the data
+    plane's records build these instead of ORM ``DeliveryAttempt`` objects, which cost more
+    CPU than the rest of a batch's record (docs/performance.md, "With the dispatcher")."""
+
+    delivery_id: uuid.UUID
+    attempt: int
+    outcome: str
+    response_status: int | None
+    response_time_ms: int
 
 
 # --- publishing -------------------------------------------------------------------------------
@@ -380,16 +396,24 @@ def close_probe(session: Session, delivery_id: uuid.UUID) -> None:
 # --- one attempt ------------------------------------------------------------------------------
 
 
-def envelope_bytes(event: Event, api_version: str) -> bytes:
-    """The delivery body (docs/receivers.md); identical across attempts of one delivery."""
+def envelope_bytes(
+    event_id: str,
+    event_type: str,
+    created_at: datetime,
+    org_id: uuid.UUID,
+    data: Any,
+    api_version: str,
+) -> bytes:
+    """The delivery body (docs/receivers.md); identical across attempts of one delivery. From
+    the event's columns: set-based reads load no Event objects."""
     return json.dumps(
         {
-            "id": event.id,
-            "type": event.type,
+            "id": event_id,
+            "type": event_type,
             "api_version": api_version,
-            "created_at": clock.rfc3339(event.created_at),
-            "org_id": str(event.org_id),
-            "data": event.data,
+            "created_at": clock.rfc3339(created_at),
+            "org_id": str(org_id),
+            "data": data,
         },
         separators=(",", ":"),
         sort_keys=False,
@@ -406,12 +430,13 @@ def lease_end(session: Session, now: datetime) -> datetime:
 def _endpoint_takes() -> Any:
     """The endpoint of the delivery being claimed still takes it: not deleted, and not paused
     (pausing stops deliveries, but a paused endpoint still exists: its test delivery is sent)."""
+    endpoint = _ENDPOINTS.c
     return (
-        select(WebhookEndpoint.id)
+        select(endpoint.id)
         .where(
-            WebhookEndpoint.id == Delivery.endpoint_id,
-            WebhookEndpoint.deleted_at.is_(None),
-            or_(WebhookEndpoint.active.is_(True), Delivery.kind == DeliveryKind.TEST),
+            endpoint.id == _DELIVERIES.c.endpoint_id,
+            endpoint.deleted_at.is_(None),
+            or_(endpoint.active.is_(True), _DELIVERIES.c.kind == DeliveryKind.TEST.value),
         )
         .exists()
     )
@@ -421,56 +446,97 @@ def _endpoint_takes() -> Any:
 class _ClaimStatements:
     claim: Any
     abandon: Any
-    endpoints: Any
-    events: Any
+    sources: Any
+    claim_with_sources: Any  # PostgreSQL: ``claim`` and ``sources`` as one statement
 
 
 @functools.cache
 def _claim_statements() -> _ClaimStatements:
     """``claim_many``'s statements, built once: the data plane runs them for every batch, and
-    building and hashing them each time cost more CPU than sending them."""
+    building and hashing them each time cost more CPU than sending them. Core statements on
+    the tables, run on the session's connection: the ORM's bulk-update and loading machinery
+    cost more CPU per batch than the statements (docs/performance.md, "With the dispatcher")."""
     ids: BindParameter[uuid.UUID] = bindparam("ids", expanding=True)
     now = bindparam("now", type_=UTCDateTime())
     lease = bindparam("lease", type_=UTCDateTime())
-    return _ClaimStatements(
-        claim=update(Delivery)
+    column = _DELIVERIES.c
+    endpoint = _ENDPOINTS.c
+    event = _EVENTS.c
+    claim = (
+        update(_DELIVERIES)
         .where(
-            Delivery.id.in_(ids),
-            Delivery.state == DeliveryState.PENDING,
+            column.id.in_(ids),
+            column.state == DeliveryState.PENDING.value,
             or_(
-                Delivery.next_attempt_at.is_(None),
-                Delivery.next_attempt_at <= bindparam("due_by", type_=UTCDateTime()),
+                column.next_attempt_at.is_(None),
+                column.next_attempt_at <= bindparam("due_by", type_=UTCDateTime()),
             ),
             _endpoint_takes(),
         )
         .values(
-            attempts=Delivery.attempts + 1,
+            attempts=column.attempts + 1,
             next_attempt_at=lease,
             leased_until=lease,
             updated_at=now,
         )
         .returning(
-            Delivery.id,
-            Delivery.org_id,
-            Delivery.endpoint_id,
-            Delivery.event_id,
-            Delivery.kind,
-            Delivery.attempts,
+            column.id,
+            column.org_id,
+            column.endpoint_id,
+            column.event_id,
+            column.kind,
+            column.attempts,
         )
-        .execution_options(synchronize_session=False),
-        abandon=update(Delivery)
-        .where(Delivery.id.in_(ids), Delivery.state == DeliveryState.PENDING, ~_endpoint_takes())
+    )
+    # The claimed rows joined to what they send, in the claim's own statement (a data-modifying
+    # CTE, which SQLite does not have): one round trip less per claim.
+    claimed = claim.cte("claimed")
+    claim_with_sources = (
+        select(
+            claimed.c.id,
+            claimed.c.org_id,
+            claimed.c.endpoint_id,
+            claimed.c.event_id,
+            claimed.c.kind,
+            claimed.c.attempts,
+            endpoint.url,
+            endpoint.api_version,
+            endpoint.secret_ciphertext,
+            event.type,
+            event.data,
+            event.created_at,
+        )
+        .join(_ENDPOINTS, endpoint.id == claimed.c.endpoint_id)
+        .join(_EVENTS, event.id == claimed.c.event_id)
+    )
+    return _ClaimStatements(
+        claim=claim,
+        claim_with_sources=claim_with_sources,
+        abandon=update(_DELIVERIES)
+        .where(
+            column.id.in_(ids),
+            column.state == DeliveryState.PENDING.value,
+            ~_endpoint_takes(),
+        )
         .values(
-            state=DeliveryState.ABANDONED, next_attempt_at=None, leased_until=None, updated_at=now
+            state=DeliveryState.ABANDONED.value,
+            next_attempt_at=None,
+            leased_until=None,
+            updated_at=now,
+        ),
+        # What each claimed attempt sends, endpoint and event together: one round trip.
+        sources=select(
+            column.id,
+            endpoint.url,
+            endpoint.api_version,
+            endpoint.secret_ciphertext,
+            event.type,
+            event.data,
+            event.created_at,
         )
-        .execution_options(synchronize_session=False),
-        endpoints=select(
-            WebhookEndpoint.id,
-            WebhookEndpoint.url,
-            WebhookEndpoint.api_version,
-            WebhookEndpoint.secret_ciphertext,
-        ).where(WebhookEndpoint.id.in_(ids)),
-        events=select(Event).where(Event.id.in_(ids)),
+        .join(_ENDPOINTS, endpoint.id == column.endpoint_id)
+        .join(_EVENTS, event.id == column.event_id)
+        .where(column.id.in_(ids)),
     )
 
 
@@ -509,46 +575,54 @@ def claim_many(
             )
         )
     statements = _claim_statements()
-    claimed = session.execute(
-        statements.claim,
-        {"ids": ids, "due_by": now + timedelta(seconds=1), "lease": lease, "now": now},
+    connection = session.connection()
+    claiming = {"ids": ids, "due_by": now + timedelta(seconds=1), "lease": lease, "now": now}
+    postgresql = connection.dialect.name == "postgresql"
+    claimed = connection.execute(
+        statements.claim_with_sources if postgresql else statements.claim, claiming
     ).all()
     if len(claimed) < len(ids):
-        session.execute(statements.abandon, {"ids": ids, "now": now})
+        connection.execute(statements.abandon, {"ids": ids, "now": now})
     if not claimed:
         return []
-    endpoints = {
-        row.id: row
-        for row in session.execute(
-            statements.endpoints, {"ids": list({row.endpoint_id for row in claimed})}
-        )
-    }
-    events = {
-        event.id: event
-        for event in session.scalars(
-            statements.events, {"ids": list({row.event_id for row in claimed})}
-        )
-    }
-    org_keys = {org: org_secret.signing_keys(session, org) for org in {r.org_id for r in claimed}}
+    sources = (
+        {row.id: row for row in claimed}
+        if postgresql
+        else {
+            row.id: row
+            for row in connection.execute(statements.sources, {"ids": [row.id for row in claimed]})
+        }
+    )
+    org_keys = org_secret.signing_keys_of(session, {row.org_id for row in claimed})
     timestamp = int(now.timestamp())
     bodies: dict[tuple[str, str], bytes] = {}
+    endpoint_keys: dict[uuid.UUID, bytes] = {}
     plans = []
     for row in sorted(claimed, key=lambda item: item.id):
-        endpoint = endpoints[row.endpoint_id]
-        event = events[row.event_id]
-        body = bodies.get((event.id, endpoint.api_version))
+        source = sources[row.id]
+        body = bodies.get((row.event_id, source.api_version))
         if body is None:
-            body = bodies[(event.id, endpoint.api_version)] = envelope_bytes(
-                event, endpoint.api_version
+            body = bodies[(row.event_id, source.api_version)] = envelope_bytes(
+                row.event_id,
+                source.type,
+                source.created_at,
+                row.org_id,
+                source.data,
+                source.api_version,
+            )
+        endpoint_key = endpoint_keys.get(row.endpoint_id)
+        if endpoint_key is None:
+            endpoint_key = endpoint_keys[row.endpoint_id] = decrypt_secret(
+                session, row.endpoint_id, source.secret_ciphertext
             )
         headers = {
             "Content-Type": "application/json",
             **signature_headers(
-                endpoint_key=decrypt_secret(session, endpoint.id, endpoint.secret_ciphertext),
-                msg_id=event.id,
+                endpoint_key=endpoint_key,
+                msg_id=row.event_id,
                 timestamp=timestamp,
                 body=body,
-                org_keys=org_keys[row.org_id],
+                org_keys=org_keys.get(row.org_id, []),
             ),
         }
         plans.append(
@@ -556,18 +630,18 @@ def claim_many(
                 delivery_id=row.id,
                 org_id=row.org_id,
                 endpoint_id=row.endpoint_id,
-                event_id=event.id,
-                event_type=event.type,
+                event_id=row.event_id,
+                event_type=source.type,
                 kind=DeliveryKind(row.kind),
                 attempt=row.attempts,
-                url=endpoint.url,
+                url=source.url,
                 body=body,
                 headers=headers,
             )
         )
     lost_plans = [plan for plan in plans if plan.delivery_id in lost]
     if lost_plans:
-        session.execute(
+        connection.execute(
             insert(_ATTEMPTS),
             [
                 _attempt_row(
@@ -608,9 +682,10 @@ def claim_due(session: Session, limit: int) -> list[AttemptPlan]:
     if limit < 1:
         return []
     settings = settings_of(session)
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CLAIM_LOCK})
-    chosen = session.execute(
+    connection = session.connection()  # Core statements only: no ORM session machinery
+    if connection.dialect.name == "postgresql":
+        connection.execute(_LOCK_STATEMENT, {"key": _CLAIM_LOCK})
+    chosen = connection.execute(
         _due_statement(),
         {
             "now": clock.now(),
@@ -626,6 +701,7 @@ def claim_due(session: Session, limit: int) -> list[AttemptPlan]:
 
 # Serialises the data plane's claims on PostgreSQL (an arbitrary constant of Rotator's own).
 _CLAIM_LOCK = 0x526F7461
+_LOCK_STATEMENT = text("SELECT pg_advisory_xact_lock(:key)")
 
 
 @functools.cache
@@ -712,14 +788,19 @@ def _due_statement() -> Select[tuple[uuid.UUID, bool]]:
 def next_due_in(session: Session, *, longest: float) -> float:
     """Seconds until the next event delivery falls due (0 if one is due now), at most
     ``longest``: how long an idle dispatcher may sleep before it looks again."""
-    earliest = session.scalar(
-        select(func.min(Delivery.next_attempt_at)).where(
-            Delivery.state == DeliveryState.PENDING, Delivery.kind == DeliveryKind.EVENT
-        )
-    )
+    earliest: datetime | None = session.connection().execute(_next_due_statement()).scalar()
     if earliest is None:
         return longest
     return max(0.0, min(longest, (earliest - clock.now()).total_seconds()))
+
+
+@functools.cache
+def _next_due_statement() -> Any:
+    """``next_due_in``'s query, built once (an idle dispatcher runs it after every claim)."""
+    column = _DELIVERIES.c
+    return select(func.min(column.next_attempt_at)).where(
+        column.state == DeliveryState.PENDING.value, column.kind == DeliveryKind.EVENT.value
+    )
 
 
 def claim(session: Session, delivery_id: uuid.UUID) -> AttemptPlan | None:
@@ -766,10 +847,42 @@ def record_many(
     attempt rows. Only a delivery still pending moves; one abandoned meanwhile keeps its state,
     and its failed attempt is logged ``dead``. Returned in the order of ``sent``.
     """
+    rows, retries = _record(session, sent)
+    return [
+        Recorded(attempt=DeliveryAttempt(**row), retry_in=retry_in)
+        for row, retry_in in zip(rows, retries, strict=True)
+    ]
+
+
+def record_logged(
+    session: Session, sent: Sequence[tuple[AttemptPlan, AttemptResult]]
+) -> list[LoggedAttempt]:
+    """``record_many`` for the data plane: the same records, returned as ``LoggedAttempt``."""
+    rows, _ = _record(session, sent)
+    return [
+        LoggedAttempt(
+            delivery_id=row["delivery_id"],
+            attempt=row["attempt"],
+            outcome=row["outcome"],
+            response_status=row["response_status"],
+            response_time_ms=row["response_time_ms"],
+        )
+        for row in rows
+    ]
+
+
+def _record(
+    session: Session, sent: Sequence[tuple[AttemptPlan, AttemptResult]]
+) -> tuple[list[dict[str, Any]], list[float | None]]:
+    """``record_many``'s work: the attempt rows written, and each one's ``retry_in``."""
     if not sent:
-        return []
+        return [], []
     settings = settings_of(session)
     now = clock.now()
+    if all(result.ok for _, result in sent):
+        connection = session.connection()
+        if connection.dialect.name == "postgresql":
+            return _record_successes(connection, sent, now), [None] * len(sent)
     succeeded = [plan.delivery_id for plan, result in sent if result.ok]
     outcomes: dict[uuid.UUID, tuple[Outcome, float | None]] = dict.fromkeys(
         succeeded, (Outcome.SUCCESS, None)
@@ -838,11 +951,82 @@ def record_many(
                 now=now,
             )
         )
-    session.execute(insert(_ATTEMPTS), rows)
-    return [
-        Recorded(attempt=DeliveryAttempt(**row), retry_in=outcomes[plan.delivery_id][1])
-        for (plan, _), row in zip(sent, rows, strict=True)
+    session.connection().execute(insert(_ATTEMPTS), rows)
+    return rows, [outcomes[plan.delivery_id][1] for plan, _ in sent]
+
+
+# ``_record`` of a batch whose every attempt succeeded, on PostgreSQL: what the general path
+# does in three statements (the deliveries' ``UPDATE``, ``circuit.note``'s ``DELETE`` of the
+# circuits a success closes, the attempts' ``INSERT``), in one. They touch different tables and
+# none depends on another's result: a success is logged ``success`` whether or not its delivery
+# was still pending. One round trip instead of three, and one statement to execute instead of
+# one per attempt row (docs/performance.md, "With the dispatcher").
+_RECORD_SUCCESSES = text(
+    """
+    WITH attempt AS (
+        SELECT * FROM json_to_recordset(CAST(:rows AS json)) AS row (
+            id uuid, org_id uuid, delivery_id uuid, endpoint_id uuid, event_id text,
+            event_type text, url text, attempt integer, response_status integer,
+            response_time_ms integer, request_body_sha256 text, request_body_bytes integer,
+            response_body_excerpt text, request_headers json
+        )
+    ), moved AS (
+        UPDATE deliveries
+        SET state = 'succeeded', next_attempt_at = NULL, leased_until = NULL, updated_at = :now
+        WHERE id = ANY(ARRAY(SELECT delivery_id FROM attempt)) AND state = 'pending'
+    ), closed AS (
+        DELETE FROM endpoint_circuits
+        WHERE endpoint_id = ANY(ARRAY(SELECT endpoint_id FROM attempt))
+    )
+    INSERT INTO delivery_attempts (
+        id, org_id, delivery_id, endpoint_id, event_id, event_type, url, attempt, outcome,
+        response_status, response_time_ms, request_body_sha256, request_body_bytes,
+        response_body_excerpt, request_headers, error, occurred_at
+    )
+    SELECT
+        id, org_id, delivery_id, endpoint_id, event_id, event_type, url, attempt, 'success',
+        response_status, response_time_ms, request_body_sha256, request_body_bytes,
+        response_body_excerpt, request_headers, NULL, :now
+    FROM attempt
+    """
+).bindparams(bindparam("now", type_=UTCDateTime()))
+
+_UUID_COLUMNS = ("id", "org_id", "delivery_id", "endpoint_id")
+
+
+def _record_successes(
+    connection: Connection, sent: Sequence[tuple[AttemptPlan, AttemptResult]], now: datetime
+) -> list[dict[str, Any]]:
+    """The rows travel as one JSON document (``json_to_recordset``): dumping them as one
+    array parameter per column cost more CPU than the rest of the record. The ids are matched
+    as ``= ANY(ARRAY(…))``, evaluated once: with ``IN (SELECT …)`` PostgreSQL re-ran the
+    function for every pending delivery."""
+    rows = [
+        _attempt_row(
+            plan,
+            attempt=plan.attempt,
+            outcome=Outcome.SUCCESS,
+            status=result.status,
+            elapsed_ms=result.elapsed_ms,
+            excerpt=result.body_excerpt,
+            error=None,
+            headers=recorded_headers(plan.headers),
+            now=now,
+        )
+        for plan, result in sent
     ]
+    document = [
+        {
+            **row,
+            **{name: str(row[name]) for name in _UUID_COLUMNS},
+            "outcome": None,
+            "error": None,
+            "occurred_at": None,
+        }
+        for row in rows
+    ]
+    connection.execute(_RECORD_SUCCESSES, {"rows": json.dumps(document), "now": now})
+    return rows
 
 
 def _attempt_row(
@@ -888,30 +1072,31 @@ def _move(
     next_at: datetime | None = None,
 ) -> set[uuid.UUID]:
     """Set the state and next attempt of those deliveries that are still pending; their ids."""
-    moved = session.scalars(
+    moved = session.connection().execute(
         _move_statement(),
-        {"ids": list(delivery_ids), "state": state, "next_at": next_at, "now": now},
+        {"ids": list(delivery_ids), "state": state.value, "next_at": next_at, "now": now},
     )
-    return set(moved)
+    return set(moved.scalars())
 
 
 @functools.cache
 def _move_statement() -> Any:
-    """``_move``'s statement, built once (it runs for every batch recorded)."""
+    """``_move``'s statement, built once (it runs for every batch recorded); Core, on the
+    session's connection, like the claim's."""
+    column = _DELIVERIES.c
     return (
-        update(Delivery)
+        update(_DELIVERIES)
         .where(
-            Delivery.id.in_(bindparam("ids", expanding=True)),
-            Delivery.state == DeliveryState.PENDING,
+            column.id.in_(bindparam("ids", expanding=True)),
+            column.state == DeliveryState.PENDING.value,
         )
         .values(
-            state=bindparam("state", type_=Delivery.__table__.c.state.type),
+            state=bindparam("state", type_=column.state.type),
             next_attempt_at=bindparam("next_at", type_=UTCDateTime()),
             leased_until=None,
             updated_at=bindparam("now", type_=UTCDateTime()),
         )
-        .returning(Delivery.id)
-        .execution_options(synchronize_session=False)
+        .returning(column.id)
     )
 
 

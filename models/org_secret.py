@@ -10,11 +10,14 @@ from __future__ import annotations
 import base64
 import secrets
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import cache
+from typing import Any
 
-from sqlalchemy import ForeignKey, Index, LargeBinary, select, text
+from sqlalchemy import ForeignKey, Index, LargeBinary, bindparam, select, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models import clock
@@ -131,22 +134,43 @@ def rotate(session: Session, org_id: uuid.UUID) -> Rotation:
 
 def signing_keys(session: Session, org_id: uuid.UUID) -> list[bytes]:
     """The keys that sign now: current first, then previous only while ``valid_until > now``."""
+    return signing_keys_of(session, [org_id]).get(org_id, [])
+
+
+@cache
+def _signing_rows() -> Any:
+    """``signing_keys_of``'s query, built once (the data plane runs it for every claim)."""
+    return select(
+        OrgSecret.id,
+        OrgSecret.org_id,
+        OrgSecret.state,
+        OrgSecret.secret_ciphertext,
+        OrgSecret.valid_until,
+    ).where(
+        OrgSecret.org_id.in_(bindparam("orgs", expanding=True)),
+        OrgSecret.state.in_([SecretState.CURRENT, SecretState.PREVIOUS]),
+    )
+
+
+def signing_keys_of(session: Session, org_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, list[bytes]]:
+    """``signing_keys`` of several organizations in one query (columns, no ORM objects);
+    an organization without a key that signs now is left out."""
+    orgs = list(org_ids)
+    if not orgs:
+        return {}
     now = clock.now()
-    rows = session.scalars(
-        select(OrgSecret).where(
-            OrgSecret.org_id == org_id,
-            OrgSecret.state.in_([SecretState.CURRENT, SecretState.PREVIOUS]),
-        )
-    ).all()
+    rows = session.connection().execute(_signing_rows(), {"orgs": orgs}).all()
     box = box_of(session)
-    keys: list[bytes] = []
+    keys: dict[uuid.UUID, list[bytes]] = {}
     for row in sorted(rows, key=lambda r: r.state != SecretState.CURRENT):
         if row.secret_ciphertext is None or (
             row.state == SecretState.PREVIOUS
             and (row.valid_until is None or row.valid_until <= now)
         ):
             continue
-        keys.append(box.decrypt(row.secret_ciphertext, context=secret_context(row.id)))
+        keys.setdefault(row.org_id, []).append(
+            box.decrypt(row.secret_ciphertext, context=secret_context(row.id))
+        )
     return keys
 
 

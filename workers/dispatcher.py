@@ -47,8 +47,9 @@ RECORD_TRIES = 5
 # first for more to finish: one transaction per several attempts, not one each.
 RECORD_BATCH = 200
 RECORD_GATHER_S = 0.005
-# With work still due, the dispatcher claims again once a quarter of its slots are free, or
-# this long after the first one freed: a claim per batch of work, not per finished request.
+# With work still due, the dispatcher claims again once a quarter of its slots are free (under
+# a cap: once the recorder has freed a batch of them), or this long after the first one freed:
+# a claim per batch of work, not per finished request.
 CLAIM_GATHER_S = 0.02
 # Work is due but every candidate's endpoint or organization is at its cap: look again after
 # this long, or as soon as one of this process's requests ends.
@@ -116,15 +117,20 @@ class Dispatcher:
         low_water = max(1, self.slots // 4)
         backlog = False  # the last claim filled every free slot: more work is waiting
         capped = False  # work was due that the last claim left to requests still in flight
+        free_after = 0  # free slots right after the last claim
         while True:
             with self._changed:
                 while self._free == 0 and not self._stopping:
                     self._changed.wait()
                 if (backlog or capped) and not self._stopping:
                     # Claim per batch of finished requests, not per request: wait a moment for
-                    # more slots (or, under a cap, more of the capped requests) to free up.
+                    # a quarter of the slots to free up. Under a cap, for the next batch the
+                    # recorder frees (it records in batches already): what those requests
+                    # held of the cap is what the next claim can take, and waiting longer
+                    # only leaves it unused (docs/performance.md, "With the dispatcher").
+                    batch = low_water if backlog else 1
                     deadline = time.monotonic() + CLAIM_GATHER_S
-                    while not self._stopping and not (backlog and self._free >= low_water):
+                    while not self._stopping and self._free - free_after < batch:
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
@@ -137,20 +143,21 @@ class Dispatcher:
                 with self.db.session() as session:
                     plans = deliveries.claim_due(session, free)
                     backlog = len(plans) == free
-                    due_in = (
-                        0.0 if backlog else deliveries.next_due_in(session, longest=IDLE_POLL_S)
-                    )
+                    # Some claimed but not as many as asked: a cap held the rest back (or the
+                    # due work ran out, which the next claim finds out). Only an empty claim
+                    # asks when work falls due next: one query less per claim under a cap.
+                    due_in = 0.0 if plans else deliveries.next_due_in(session, longest=IDLE_POLL_S)
             except Exception:
                 log.exception("claiming deliveries failed")
                 plans, due_in, backlog = [], ERROR_PAUSE_S, False
             # Due now yet not claimed: held back by a cap until a request in flight ends.
             capped = not backlog and due_in == 0
             idle_for = CAPPED_POLL_S if capped else due_in
-            if plans:
-                with self._changed:
-                    self._free -= len(plans)
-                for plan in plans:
-                    self._posting.submit(self._post, plan)
+            with self._changed:
+                self._free -= len(plans)
+                free_after = self._free
+            for plan in plans:
+                self._posting.submit(self._post, plan)
             if idle_for > 0:
                 with self._changed:
                     if not self._woken and not self._stopping:
@@ -190,11 +197,11 @@ class Dispatcher:
             for row in recorded:
                 report_attempt(self.db, row)
 
-    def _record_batch(self, batch: list[_Sent]) -> list[deliveries.DeliveryAttempt]:
+    def _record_batch(self, batch: list[_Sent]) -> list[deliveries.LoggedAttempt]:
         for attempt in range(1, RECORD_TRIES + 1):
             try:
                 with self.db.session() as session:
-                    return [item.attempt for item in deliveries.record_many(session, batch)]
+                    return deliveries.record_logged(session, batch)
             except Exception:
                 log.exception("recording deliveries failed", extra={"attempt": attempt})
                 threading.Event().wait(ERROR_PAUSE_S)

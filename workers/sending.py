@@ -112,7 +112,9 @@ class SenderPool:
             stale.close()
 
 
-def report_attempt(db: Database, row: deliveries.DeliveryAttempt) -> None:
+def report_attempt(
+    db: Database, row: deliveries.DeliveryAttempt | deliveries.LoggedAttempt
+) -> None:
     """One log line and one latency observation per attempt: ids and numbers, never the URL,
     headers or body (a URL may carry a credential)."""
     metrics.observe_delivery(db.settings, row.outcome, row.response_time_ms / 1000)
