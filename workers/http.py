@@ -58,6 +58,7 @@ __all__ = [
     "describe_failure",
     "guarded_client",
     "parse_retry_after",
+    "printable_text",
     "resolve_host",
     "total_deadline",
 ]
@@ -661,7 +662,7 @@ class Sender:
         return SendResult(
             status=status,
             elapsed_ms=int((time.perf_counter() - start) * 1000),
-            body_excerpt=bytes(excerpt[:EXCERPT_BYTES]).decode("utf-8", errors="replace"),
+            body_excerpt=printable_text(bytes(excerpt[:EXCERPT_BYTES])),
             error=error,
             retry_after_s=retry_after,
         )
@@ -697,6 +698,12 @@ class Sender:
 
 
 # --- other outbound calls ------------------------------------------------------------------------
+
+
+def printable_text(raw: bytes) -> str:
+    """Bytes a receiver or provider sent, as text any database stores: invalid UTF-8 and NUL
+    characters (PostgreSQL's text refuses them) become U+FFFD."""
+    return raw.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -19,7 +19,13 @@ from typing import Any
 from models.provider import Account
 from models.remote import Call, RemoteCall
 from rotator.settings import Settings
-from workers.http import describe_failure, guarded_client, parse_retry_after, total_deadline
+from workers.http import (
+    describe_failure,
+    guarded_client,
+    parse_retry_after,
+    printable_text,
+    total_deadline,
+)
 
 log = logging.getLogger("rotator.providers")
 
@@ -76,7 +82,8 @@ class Answer:
             return self.error
         error = self.body.get("error") if isinstance(self.body, dict) else None
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return f"remote answered {self.status}: {error['message'][:300]}"
+            said = printable_text(error["message"][:300].encode())
+            return f"remote answered {self.status}: {said}"
         return f"remote answered {self.status}"
 
 

@@ -516,6 +516,20 @@ def test_a_big_response_is_kept_as_a_short_excerpt(database, insecure):
     assert stored.response_body_excerpt == excerpt
 
 
+def test_a_response_with_nul_characters_is_recorded(database, insecure):
+    """PostgreSQL's text refuses NUL: a receiver answering with one must not stop its attempt,
+    or the others recorded with it, from being logged."""
+    tenant = make_tenant(database)
+    with big_body_receiver(500, b"bad\x00body\xff") as receiver:
+        add_endpoint(database, tenant.org_id, receiver.url)
+        _, (delivery_id,) = publish(database, tenant.org_id)
+        logged = attempt(database, delivery_id)
+    assert logged is not None
+    assert logged.response_body_excerpt == "bad\ufffdbody\ufffd"
+    (stored,) = [a for a in all_rows(database, DeliveryAttempt) if a.id == logged.id]
+    assert stored.response_body_excerpt == "bad\ufffdbody\ufffd"
+
+
 def test_each_attempt_is_signed_at_its_own_time_over_the_same_body(database, settings):
     tenant = make_tenant(database)
     with (
