@@ -498,9 +498,11 @@ def _tested(
         return _next(operation, now)
     if reply.ok:
         status = outcome.get("response_status")
-        error = f"receiver answered {status}" if status else str(outcome.get("error") or "failed")
+        said = str(outcome.get("error") or "failed").replace("\x00", "\ufffd")
+        error = f"receiver answered {status}" if status else said
     else:
         error = reply.message()
+    error = error[:500]
     if step.name == Step.SEND_TEST_DELIVERY:
         succeed_step(step, now)  # sent; the waiting is the next step's
         step.last_error = error
