@@ -409,10 +409,10 @@ def stop_py_spy(spies: list[Spy]) -> None:
 PROFILE_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("advance (workers/operations.py)", ("advance (workers/operations.py",)),
     ("  begin_advance", ("begin_advance (models/migration.py",)),
-    ("    deliveries.claim (the probe)", ("claim (models/delivery.py",)),
+    ("    attempts.claim (the probe)", ("claim (models/attempts.py",)),
     ("  HTTP post (Sender)", ("post (workers/http.py",)),
     ("  finish_probe", ("finish_probe (models/migration.py",)),
-    ("    deliveries.record (the probe)", ("record (models/delivery.py",)),
+    ("    attempts.record (the probe)", ("record (models/attempts.py",)),
     ("  attempt (the in-band handoff)", ("attempt (workers/deliveries.py",)),
     ("  lock + load (operation, steps)", ("lock_for_advance (models/migration.py",)),
     ("  session.commit", ("commit (sqlalchemy/orm/session.py",)),

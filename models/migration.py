@@ -25,7 +25,7 @@ from sqlalchemy import event, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
-from models import clock, org_secret
+from models import attempts, clock, org_secret
 from models import delivery as deliveries
 from models import endpoint as endpoints
 from models.db import box_of, settings_of
@@ -229,7 +229,7 @@ class Advance:
     # The probe's attempt, claimed in the same transaction; None when there is nothing to send
     # (a live claim by an earlier run, whose lease has not run out). Not in the repr: its
     # headers carry signatures.
-    probe: deliveries.AttemptPlan | None = field(default=None, repr=False)
+    probe: attempts.AttemptPlan | None = field(default=None, repr=False)
     deliver_first: uuid.UUID | None = None  # the in-band handoff, sent before the probe
     again_in: float | None = None  # seconds until the next advance; None: nothing scheduled
     kind: str | None = None
@@ -489,12 +489,12 @@ def _start_probe(
         deliver_first = _ensure_handoff(session, operation)
     # Claimed with this step (locks: the operation, then its delivery, as ``finish_probe``).
     # Signing needs nothing from the handoff, which the worker sends first.
-    plan = deliveries.claim(session, probe_id)
+    plan = attempts.claim(session, probe_id)
     operation.probe_delivery_id = probe_id
     begin_step(step, now)
     # Leased while the test delivery is in flight, as long as the delivery itself: the
     # reconciler leaves the operation alone until then (plus its own reconcile_after).
-    operation.next_advance_at = deliveries.lease_end(session, now)
+    operation.next_advance_at = attempts.lease_end(session, now)
     return Advance(
         probe_delivery_id=operation.probe_delivery_id, probe=plan, deliver_first=deliver_first
     )
@@ -535,7 +535,7 @@ def _ensure_handoff(session: Session, operation: Operation) -> uuid.UUID | None:
 def finish_probe(
     session: Session,
     operation_id: uuid.UUID,
-    sent: tuple[deliveries.AttemptPlan, deliveries.AttemptResult] | None = None,
+    sent: tuple[attempts.AttemptPlan, attempts.AttemptResult] | None = None,
 ) -> Advance:
     """Take the test delivery's outcome: move on when accepted, else wait (doubling) and retry.
 
@@ -544,7 +544,7 @@ def finish_probe(
     """
     with holding(session):
         operation = lock_for_advance(session, operation_id)
-        recorded = deliveries.record(session, *sent).attempt if sent is not None else None
+        recorded = attempts.record(session, *sent).attempt if sent is not None else None
         if operation is None or operation.finished or operation.probe_delivery_id is None:
             return replace(NOTHING, recorded=recorded)
         before = step_states(operation)

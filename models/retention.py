@@ -37,7 +37,15 @@ from sqlalchemy.orm import Session, aliased
 
 from models import clock, idempotency
 from models.db import Database
-from models.delivery import Delivery, DeliveryAttempt, DeliveryState, Event
+from models.delivery import (
+    ATTEMPTS,
+    DELIVERIES,
+    EVENTS,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryState,
+    Event,
+)
 from models.idempotency import IdempotencyKey
 from models.operation import Operation, OperationStep
 from models.policy import RotationPolicy
@@ -51,20 +59,17 @@ OPERATIONS_PER_BATCH = BATCH_SIZE // 4
 # A tick stops starting batches after this long; the next tick goes on where it stopped.
 TICK_BUDGET_S = 20.0
 
-_ATTEMPTS = cast(Table, DeliveryAttempt.__table__)
-_DELIVERIES = cast(Table, Delivery.__table__)
-_EVENTS = cast(Table, Event.__table__)
 _KEYS = cast(Table, IdempotencyKey.__table__)
 
 # The indexes the prune queries walk. Declared here, beside the queries that need them (the
 # migration 20261203_0007 creates them); each attaches itself to its table.
 INDEXES = (
-    Index("ix_delivery_attempts_occurred", _ATTEMPTS.c.occurred_at),
-    Index("ix_deliveries_created", _DELIVERIES.c.created_at),
+    Index("ix_delivery_attempts_occurred", ATTEMPTS.c.occurred_at),
+    Index("ix_deliveries_created", DELIVERIES.c.created_at),
     # Deleting an event checks the deliveries that reference it (the foreign key), and the
     # prune asks the same question: without it, each is a scan of every delivery.
-    Index("ix_deliveries_event", _DELIVERIES.c.event_id),
-    Index("ix_events_created", _EVENTS.c.created_at),
+    Index("ix_deliveries_event", DELIVERIES.c.event_id),
+    Index("ix_events_created", EVENTS.c.created_at),
     Index("ix_idempotency_keys_created", _KEYS.c.created_at),
 )
 
@@ -147,7 +152,7 @@ def prune_attempts(session: Session, before: datetime, limit: int = BATCH_SIZE) 
         )
         .limit(limit)
     )
-    return _delete_ids(session, _ATTEMPTS, _locked(session, ids))
+    return _delete_ids(session, ATTEMPTS, _locked(session, ids))
 
 
 def prune_deliveries(session: Session, before: datetime, limit: int = BATCH_SIZE) -> int:
@@ -163,7 +168,7 @@ def prune_deliveries(session: Session, before: datetime, limit: int = BATCH_SIZE
         )
         .limit(limit)
     )
-    return _delete_ids(session, _DELIVERIES, _locked(session, ids))
+    return _delete_ids(session, DELIVERIES, _locked(session, ids))
 
 
 def prune_events(session: Session, before: datetime, limit: int = BATCH_SIZE) -> int:
@@ -175,7 +180,7 @@ def prune_events(session: Session, before: datetime, limit: int = BATCH_SIZE) ->
         )
         .limit(limit)
     )
-    return _delete_ids(session, _EVENTS, _locked(session, ids))
+    return _delete_ids(session, EVENTS, _locked(session, ids))
 
 
 def prune_operations(

@@ -18,6 +18,7 @@ from typing import Any
 from celery import signals
 from sqlalchemy.orm import Session
 
+from models import attempts
 from models import delivery as deliveries
 from models.db import Database, get_database
 from workers import dispatcher
@@ -41,12 +42,12 @@ def send(db: Database, delivery_ids: Sequence[uuid.UUID]) -> list[deliveries.Del
     gone are skipped. A retry is left to the dispatcher, which finds it due in the database.
     """
     with db.session() as session:
-        plans = deliveries.claim_many(session, delivery_ids)
+        plans = attempts.claim_many(session, delivery_ids)
     if not plans:
         return []
     sent = [(plan, sender_for(db).post(plan.url, plan.body, plan.headers)) for plan in plans]
     with db.session() as session:
-        recorded = deliveries.record_many(session, sent)
+        recorded = attempts.record_many(session, sent)
     for item in recorded:
         report_attempt(db, item.attempt)
     return [item.attempt for item in recorded]

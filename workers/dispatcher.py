@@ -1,7 +1,7 @@
 """The data plane's engine: a dispatcher per delivery worker process.
 
 A ``delivery.send`` message only wakes it; what to send is decided by the database
-(``models.delivery.claim_due``), fairly across organizations and endpoints, and only when a
+(``models.attempts.claim_due``), fairly across organizations and endpoints, and only when a
 posting slot is free, so a claimed delivery never waits for a thread while its lease runs.
 Three kinds of thread per process:
 
@@ -30,7 +30,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from models import delivery as deliveries
+from models import attempts
 from models.db import Database
 from workers.http import SendResult
 from workers.sending import SenderPool, report_attempt
@@ -55,7 +55,7 @@ CLAIM_GATHER_S = 0.02
 # this long, or as soon as one of this process's requests ends.
 CAPPED_POLL_S = 0.1
 
-_Sent = tuple[deliveries.AttemptPlan, SendResult]
+_Sent = tuple[attempts.AttemptPlan, SendResult]
 
 
 class Dispatcher:
@@ -141,12 +141,12 @@ class Dispatcher:
                 self._woken = False
             try:
                 with self.db.session() as session:
-                    plans = deliveries.claim_due(session, free)
+                    plans = attempts.claim_due(session, free)
                     backlog = len(plans) == free
                     # Some claimed but not as many as asked: a cap held the rest back (or the
                     # due work ran out, which the next claim finds out). Only an empty claim
                     # asks when work falls due next: one query less per claim under a cap.
-                    due_in = 0.0 if plans else deliveries.next_due_in(session, longest=IDLE_POLL_S)
+                    due_in = 0.0 if plans else attempts.next_due_in(session, longest=IDLE_POLL_S)
             except Exception:
                 log.exception("claiming deliveries failed")
                 plans, due_in, backlog = [], ERROR_PAUSE_S, False
@@ -163,7 +163,7 @@ class Dispatcher:
                     if not self._woken and not self._stopping:
                         self._changed.wait(idle_for)  # a freed slot or a wake-up ends it
 
-    def _post(self, plan: deliveries.AttemptPlan) -> None:
+    def _post(self, plan: attempts.AttemptPlan) -> None:
         try:
             result = self._senders.post(plan.url, plan.body, plan.headers)
         except Exception:  # post never raises; should it, the attempt is still recorded
@@ -197,11 +197,11 @@ class Dispatcher:
             for row in recorded:
                 report_attempt(self.db, row)
 
-    def _record_batch(self, batch: list[_Sent]) -> list[deliveries.LoggedAttempt]:
+    def _record_batch(self, batch: list[_Sent]) -> list[attempts.LoggedAttempt]:
         for attempt in range(1, RECORD_TRIES + 1):
             try:
                 with self.db.session() as session:
-                    return deliveries.record_logged(session, batch)
+                    return attempts.record_logged(session, batch)
             except Exception:
                 log.exception("recording deliveries failed", extra={"attempt": attempt})
                 threading.Event().wait(ERROR_PAUSE_S)

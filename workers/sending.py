@@ -9,6 +9,7 @@ import threading
 from collections import OrderedDict
 from urllib.parse import urlsplit
 
+from models import attempts
 from models import delivery as deliveries
 from models.db import Database
 from rotator import metrics
@@ -112,9 +113,7 @@ class SenderPool:
             stale.close()
 
 
-def report_attempt(
-    db: Database, row: deliveries.DeliveryAttempt | deliveries.LoggedAttempt
-) -> None:
+def report_attempt(db: Database, row: deliveries.DeliveryAttempt | attempts.LoggedAttempt) -> None:
     """One log line and one latency observation per attempt: ids and numbers, never the URL,
     headers or body (a URL may carry a credential)."""
     metrics.observe_delivery(db.settings, row.outcome, row.response_time_ms / 1000)

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import update
 
-from models import clock, org_secret
+from models import attempts, clock, org_secret
 from models import delivery as deliveries
 from models.delivery import DeliveryAttempt, DeliveryKind, DeliveryState, Outcome
 from models.endpoint import WebhookEndpoint
@@ -125,17 +125,17 @@ def test_a_claim_that_never_reports_back_is_due_again_after_its_lease(database, 
         add_endpoint(database, tenant.org_id, receiver.url)
         _, (delivery_id,) = publish(database, tenant.org_id)
         with database.session() as session:
-            plan = deliveries.claim(session, delivery_id)
+            plan = attempts.claim(session, delivery_id)
         assert plan is not None
         assert plan.attempt == 1
         with database.session() as session:
-            assert deliveries.claim(session, delivery_id) is None  # leased
+            assert attempts.claim(session, delivery_id) is None  # leased
             assert delivery_id not in deliveries.overdue(session, older_than=timedelta(0))
         # The lease covers a whole request (its total deadline) and its record.
         lease = timedelta(seconds=2 * insecure.delivery_timeout_seconds + 5)
         clock.travel(lease - timedelta(seconds=3))
         with database.session() as session:
-            assert deliveries.claim(session, delivery_id) is None  # still leased
+            assert attempts.claim(session, delivery_id) is None  # still leased
         clock.travel(timedelta(seconds=4))
         with database.session() as session:
             assert deliveries.overdue(session, older_than=timedelta(0)) == [delivery_id]
@@ -148,7 +148,7 @@ def test_a_claim_that_never_reports_back_is_due_again_after_its_lease(database, 
     # Every attempt is in the log exactly once, the lost one said to be lost.
     logged = attempts_of(database, delivery_id)
     assert [(row.attempt, row.outcome, row.error) for row in logged] == [
-        (1, Outcome.RETRY, deliveries.LOST_ATTEMPT),
+        (1, Outcome.RETRY, attempts.LOST_ATTEMPT),
         (2, Outcome.SUCCESS, None),
     ]
     assert logged[0].response_status is None

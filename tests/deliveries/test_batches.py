@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 from sqlalchemy import update
 
-from models import clock
+from models import attempts, clock
 from models import delivery as deliveries
 from models.delivery import DeliveryState, Outcome
 from models.endpoint import WebhookEndpoint
@@ -165,7 +165,7 @@ def test_a_batch_skips_a_member_claimed_by_another_worker(database, insecure):
     with scripted_receiver() as receiver:
         _, ids = _fan_out(database, tenant.org_id, receiver.url, 3)
         with database.session() as session:
-            assert deliveries.claim(session, ids[1]) is not None  # leased, still in flight
+            assert attempts.claim(session, ids[1]) is not None  # leased, still in flight
         made = send(database, ids)
         exactly(receiver, 2)
     assert sorted(row.delivery_id for row in made) == sorted([ids[0], ids[2]])
@@ -259,7 +259,7 @@ def test_a_batch_that_never_reports_back_is_resent_by_the_reconciler(database, i
     with scripted_receiver() as receiver:
         _, ids = _fan_out(database, tenant.org_id, receiver.url, 3)
         with database.session() as session:
-            plans = deliveries.claim_many(session, ids)
+            plans = attempts.claim_many(session, ids)
         assert sorted(plan.delivery_id for plan in plans) == sorted(ids)
         assert reconcile_deliveries() == 0  # leased: not overdue
         assert _sends(published) == []

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from models import circuit, clock
+from models import attempts, circuit, clock
 from models import delivery as deliveries
 from models.circuit import EndpointCircuit
 from models.delivery import Delivery, DeliveryState, Outcome
@@ -67,7 +67,7 @@ def _backlog(database, org_id, urls, events):
 
 def _claim(database, limit):
     with database.session() as session:
-        return deliveries.claim_due(session, limit)
+        return attempts.claim_due(session, limit)
 
 
 def _in_flight(database) -> int:
@@ -112,7 +112,7 @@ def test_caps_hold_per_endpoint_and_per_organization_across_claims(database, pla
     # Two finish: exactly two more may go, never to an endpoint already at its cap.
     sent = [(plan, _Result(200)) for plan in first[:2]]
     with database.session() as session:
-        deliveries.record_many(session, sent)
+        attempts.record_many(session, sent)
     second = _claim(database, 100)
     assert len(second) == 2
     counts = Counter(plan.endpoint_id for plan in first[2:] + second)
@@ -144,7 +144,7 @@ def test_an_expired_lease_frees_its_slot_and_the_attempt_is_logged_lost(database
     lost = [plan for plan in again if plan.attempt == 2]
     for plan in lost:
         (row,) = attempts_of(database, plan.delivery_id)
-        assert (row.attempt, row.outcome, row.error) == (1, "retry", deliveries.LOST_ATTEMPT)
+        assert (row.attempt, row.outcome, row.error) == (1, "retry", attempts.LOST_ATTEMPT)
 
 
 class _Result:
@@ -164,7 +164,7 @@ class _Result:
 
 def _fail(database, plans, status=None):
     with database.session() as session:
-        return deliveries.record_many(
+        return attempts.record_many(
             session, [(plan, _Result(status, None if status else "timeout")) for plan in plans]
         )
 
@@ -206,7 +206,7 @@ def test_a_receiver_that_keeps_failing_opens_its_circuit_without_spending_retrie
     clock.travel(timedelta(seconds=61))
     (trial,) = _claim(database, 100)
     with database.session() as session:
-        deliveries.record_many(session, [(trial, _Result(200))])
+        attempts.record_many(session, [(trial, _Result(200))])
         assert session.get(EndpointCircuit, down.id) is None
     assert len(_claim(database, 100)) == plane.endpoint_max_in_flight
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from models.delivery import retry_delay
+from models.attempts import retry_delay
 
 SCHEDULE = [5.0, 300.0, 1800.0]
 

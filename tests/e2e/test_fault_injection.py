@@ -719,6 +719,7 @@ def test_deliveries_survive_a_killed_delivery_worker_and_a_flushed_broker(
     attempts are in flight, FLUSHALL the broker, start a new worker: every delivery succeeds,
     none is lost, and each attempt is in the log exactly once (the cut-off ones as lost)."""
     from models import delivery as deliveries
+    from models.attempts import LOST_ATTEMPT
     from models.delivery import DeliveryState, Outcome
 
     org_id = _new_org(database)
@@ -771,7 +772,7 @@ def test_deliveries_survive_a_killed_delivery_worker_and_a_flushed_broker(
         assert [item.outcome for item in logged].count(Outcome.SUCCESS) == 1
         assert logged[-1].outcome == Outcome.SUCCESS
         for item in logged[:-1]:
-            assert item.error == deliveries.LOST_ATTEMPT, item.error
+            assert item.error == LOST_ATTEMPT, item.error
         lost += len(logged) - 1
     assert lost >= 1  # the kill did cut attempts off: the scenario happened
 

@@ -6,7 +6,8 @@ import time
 import pytest
 from sqlalchemy import select
 
-from models.delivery import claim, publish
+from models.attempts import claim
+from models.delivery import publish
 from models.endpoint import create_endpoint
 from models.org_secret import OrgSecret
 from receiver import BadSignature, verify

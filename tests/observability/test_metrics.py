@@ -105,8 +105,7 @@ def test_observing_never_raises(settings, monkeypatch):
 
 
 def test_in_flight_deliveries_and_open_circuits_are_gauges(client, database):
-    from models import circuit
-    from models import delivery as deliveries
+    from models import attempts, circuit
     from tests.deliveries.helpers import add_endpoint, publish
     from tests.factories import make_tenant
 
@@ -117,7 +116,7 @@ def test_in_flight_deliveries_and_open_circuits_are_gauges(client, database):
     assert before[("rotator_deliveries_in_flight", ())] == 0
     assert before[("rotator_endpoint_circuits_open", ())] == 0
     with database.session() as session:
-        assert len(deliveries.claim_due(session, 10)) == 1
+        assert len(attempts.claim_due(session, 10)) == 1
         failures = database.settings.circuit_failure_threshold
         circuit.note(session, [(hook.id, False, True)] * failures)
     after = _samples(client)

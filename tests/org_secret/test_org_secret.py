@@ -9,7 +9,8 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from models import clock, org_secret
-from models.delivery import claim, publish
+from models.attempts import claim
+from models.delivery import publish
 from models.endpoint import create_endpoint
 from models.org_secret import OrgSecret, SecretState
 from models.policy import create_policy
