@@ -64,6 +64,7 @@ from bench.common import (
     free_port,
     http_call,
     rotator_cli,
+    vacuum_analyze,
 )
 
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -169,20 +170,6 @@ def prepare_rotator(
     vacuum_analyze(database_url)
     issued = json.loads(rotator_cli(rotator, env, "orgs", "create", "--name", "delivery-bench"))
     return Setup(env=env, api_key=str(issued["api_key"]), org_id=str(issued["org_id"]))
-
-
-def vacuum_analyze(database_url: str) -> None:
-    """``VACUUM (ANALYZE)`` the benchmark database before measuring, as autovacuum would.
-
-    The database keeps every run's rows. On a server with autovacuum off, its statistics stay
-    empty, and PostgreSQL then plans the claim's ``UPDATE`` from the endpoints side and the
-    record's through the ``state`` index, walking every pending delivery (30 ms instead of
-    1 ms per claim of 20, seen here after some 100k deliveries).
-    """
-    import psycopg
-
-    with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as connection:
-        connection.execute("VACUUM (ANALYZE)")
 
 
 def event_data(size: int, index: int) -> dict[str, Any]:

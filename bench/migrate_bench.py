@@ -82,6 +82,7 @@ from bench.common import (
     group_pids,
     http_call,
     rotator_cli,
+    vacuum_analyze,
 )
 
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -989,6 +990,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"http://{HOST}:{receiver_port}",
             )
             measured, warm = orgs
+            vacuum_analyze(args.database_url)
 
             api = Proc(
                 "api",

@@ -11,7 +11,7 @@ import dataclasses
 import re
 import secrets
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
@@ -187,11 +187,12 @@ def create_endpoint(
     description: str = "",
     api_version: str | None = None,
     secret: str | None = None,
-    over_limit_by: int = 0,
+    over_limit_by: Callable[[], int] | None = None,
 ) -> WithSecret:
     """Create an endpoint with a fresh secret (or the given one, minted earlier).
 
-    ``over_limit_by`` lets a safe migrate exceed the cap by its one new endpoint.
+    ``over_limit_by`` lets a safe migrate exceed the cap (by its one new endpoint and the
+    other unfinished pairs); asked only when the organization is at the cap.
     """
     version = SUPPORTED_API_VERSIONS[0] if api_version is None else api_version
     _raise_if(
@@ -205,9 +206,11 @@ def create_endpoint(
         }
     )
     lock_org(session, org_id)  # two concurrent creates cannot both take the last slot
-    limit = settings_of(session).endpoint_limit + over_limit_by
-    if count_live(session, org_id) >= limit:
-        raise LimitExceeded(f"an organization may have at most {limit} active endpoints")
+    limit = settings_of(session).endpoint_limit
+    if count_live(session, org_id, up_to=limit) >= limit:
+        limit += over_limit_by() if over_limit_by is not None else 0
+        if count_live(session, org_id, up_to=limit) >= limit:
+            raise LimitExceeded(f"an organization may have at most {limit} active endpoints")
     now = clock.now()
     endpoint = WebhookEndpoint(
         id=new_id(),
@@ -227,15 +230,16 @@ def create_endpoint(
     return WithSecret(endpoint=endpoint, secret=secret)
 
 
-def count_live(session: Session, org_id: uuid.UUID) -> int:
-    return (
-        session.scalar(
-            select(func.count())
-            .select_from(WebhookEndpoint)
-            .where(WebhookEndpoint.org_id == org_id, WebhookEndpoint.deleted_at.is_(None))
-        )
-        or 0
+def count_live(session: Session, org_id: uuid.UUID, *, up_to: int) -> int:
+    """The organization's live endpoints, counted up to ``up_to`` (the cap being checked): a
+    check reads no more rows than the cap, however many endpoints there are."""
+    live = (
+        select(WebhookEndpoint.id)
+        .where(WebhookEndpoint.org_id == org_id, WebhookEndpoint.deleted_at.is_(None))
+        .limit(up_to)
+        .subquery()
     )
+    return session.scalar(select(func.count()).select_from(live)) or 0
 
 
 # A live endpoint of this organization; anything else is 404 (never 403).

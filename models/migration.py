@@ -435,7 +435,7 @@ def _create_endpoint(
                 description=params["description"],
                 secret=new_secret_of(session, operation),
                 # Each unfinished migration's pair counts as one endpoint (docs/api.md, Limits).
-                over_limit_by=1 + _pairs_in_flight(session, operation),
+                over_limit_by=lambda: 1 + _pairs_in_flight(session, operation),
             )
         except (ValidationFailed, NotFound, LimitExceeded) as exc:
             begin_step(step, now)

@@ -120,6 +120,9 @@ CONCURRENCY_MIN, CONCURRENCY_MAX, CONCURRENCY_DEFAULT = 1, 50, 5
 REVEAL_RETRY_AFTER_S = 2  # a remote migrate's secret exists once the remote created it
 
 
+KEPT_SECRETS = "new_secret_ciphertext IS NOT NULL AND finished_at IS NOT NULL"
+
+
 class Operation(IdMixin, Base):
     __tablename__ = "operations"
     __table_args__ = (
@@ -154,12 +157,13 @@ class Operation(IdMixin, Base):
         ),
         # A bulk migrate's children, in the order they start (models/bulk.py).
         Index("ix_operations_parent", "parent_id", "created_at", "id"),
-        # The few operations still holding a secret, found when what they rotated changes.
+        # The few finished operations still holding a secret (unrevealed), found when what
+        # they rotated changes; unfinished ones, which every running migration is, stay out.
         Index(
             "ix_operations_kept_secrets",
             "org_id",
-            postgresql_where=text("new_secret_ciphertext IS NOT NULL"),
-            sqlite_where=text("new_secret_ciphertext IS NOT NULL"),
+            postgresql_where=text(KEPT_SECRETS),
+            sqlite_where=text(KEPT_SECRETS),
         ),
     )
 
