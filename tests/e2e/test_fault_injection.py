@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from http.server import ThreadingHTTPServer
@@ -43,8 +44,16 @@ from models.org import Scope, create_org
 from receiver import DemoReceiver, serve
 from rotator.settings import Settings
 from tests.factories import Tenant, make_tenant
-from tests.live import serve_api
-from tests.processes import rotator_env, start_beat, start_worker, stop
+from tests.processes import (
+    BIN,
+    free_port,
+    rotator_env,
+    start,
+    start_beat,
+    start_worker,
+    stop,
+    wait_http,
+)
 from tests.providers import provider_proxy
 from tests.receivers import scripted_receiver
 from tests.services import RedisServer
@@ -503,10 +512,11 @@ REMOTE_BOUND_S = 2 * PROVIDER_TIMEOUT_S + 5 + RECONCILE_AFTER_S + 25.0
 def test_worker_killed_between_a_remote_create_and_its_commit_leaves_one_new_endpoint(
     database: Database, stack: Stack, publisher: Celery
 ) -> None:
-    """The remote provider (a Rotator API, another organization's account) creates the new
-    endpoint; the worker is SIGKILLed before the answer, the only one showing the new secret,
-    reaches it. The next worker finds the created endpoint at the provider and rotates its
-    secret there: one new remote endpoint, whose secret the operation reveals."""
+    """The remote provider (a second Rotator, ``rotator api`` in its own process; another
+    organization's account) creates the new endpoint; the worker is SIGKILLed before the
+    answer, the only one showing the new secret, reaches it. The next worker finds the created
+    endpoint at the provider and rotates its secret there: one new remote endpoint, whose
+    secret the operation reveals."""
     org_id = _new_org(database)
     account = make_tenant(database, name="account at the provider")
     killed = threading.Event()
@@ -517,7 +527,7 @@ def test_worker_killed_between_a_remote_create_and_its_commit_leaves_one_new_end
 
     with (
         scripted_receiver(200) as accepting,
-        serve_api("remote-provider") as remote_url,
+        _rotator_api(stack) as remote_url,
         provider_proxy(remote_url) as proxy,
     ):
         at_remote = httpx.post(
@@ -567,6 +577,19 @@ def test_worker_killed_between_a_remote_create_and_its_commit_leaves_one_new_end
             endpoint = session.get(WebhookEndpoint, uuid.UUID(created[0]))
             assert endpoint is not None
             assert base64.b64decode(revealed) == signing_key(session, endpoint)
+
+
+@contextmanager
+def _rotator_api(stack: Stack) -> Iterator[str]:
+    """A second Rotator, ``rotator api`` in its own process: the remote provider."""
+    port, log = free_port(), stack.logs / "remote-api.log"
+    proc = start([str(BIN / "rotator"), "api", "--port", str(port)], stack.env, log, cwd=stack.logs)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz", proc, log)
+        yield url
+    finally:
+        stop(proc, signal.SIGINT)
 
 
 def _remote_ids(remote_url: str, account: Tenant) -> list[str]:

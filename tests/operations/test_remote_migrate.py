@@ -478,3 +478,19 @@ def test_a_cancel_during_the_create_call_deletes_what_that_call_created(
     assert done.state == "canceled"
     assert remote_ids(remote_api, remote_tenant) == {old["id"]}
     assert len(proxy.calls("POST", "/v1/webhooks")) == 1
+
+
+def test_a_create_the_provider_refuses_fails_with_its_message_and_creates_nothing(
+    client, database, tenant, remote_tenant, remote_api, proxy, old
+):
+    provider_id = register(client, tenant, proxy, remote_tenant)
+    proxy.fail("POST", "/v1/webhooks", 422)
+    operation_id = migrate(client, tenant, provider_id, old["id"]).json()["id"]
+
+    done = drive(database, operation_id)
+
+    assert done.state == "failed"
+    assert done.error_code == "PROVIDER_REJECTED"
+    assert done.error_message == "remote answered 422: injected"
+    assert remote_ids(remote_api, remote_tenant) == {old["id"]}
+    assert len(proxy.calls("POST", "/v1/webhooks")) == 1  # refused, not retried
