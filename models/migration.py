@@ -566,13 +566,29 @@ def _finish_probe(
         recorded = deliveries.last_attempt(session, probe.id)  # before the rows change
     operation.updated_at = now
     if probe.state == deliveries.DeliveryState.SUCCEEDED:
-        succeed_step(step, now)
-        if step.name == Step.SEND_TEST_DELIVERY:
-            succeed_step(operation.step(Step.AWAIT_SUCCESS), now)
-        operation.state = OperationState.RUNNING
-        operation.wait_seconds = 0.0
+        return probe_accepted(operation, step, now)
+    step = probe_refused(operation, step, now, _describe(recorded))
+    if operation.cancel_requested:  # canceled while the probe was in flight: roll back now
         return advance_now(operation, now)
-    error = _describe(recorded)
+    operation.state = OperationState.AWAITING_RECEIVER
+    return back_off(session, operation, step, now)
+
+
+def probe_accepted(operation: Operation, step: OperationStep, now: datetime) -> Advance:
+    """The receiver accepted a test delivery: both probe steps are done; on to the delete."""
+    succeed_step(step, now)
+    if step.name == Step.SEND_TEST_DELIVERY:
+        succeed_step(operation.step(Step.AWAIT_SUCCESS), now)
+    operation.state = OperationState.RUNNING
+    operation.wait_seconds = 0.0
+    return advance_now(operation, now)
+
+
+def probe_refused(
+    operation: Operation, step: OperationStep, now: datetime, error: str
+) -> OperationStep:
+    """The receiver refused a test delivery (or none arrived): the first one was sent, the
+    waiting step runs with ``error`` as its last error. Returns the waiting step."""
     if step.name == Step.SEND_TEST_DELIVERY:
         succeed_step(step, now)  # sent; the waiting is the next step's
         step.last_error = error
@@ -580,10 +596,7 @@ def _finish_probe(
         step.started_at = now
     step.state = StepState.RUNNING
     step.last_error = error
-    if operation.cancel_requested:  # canceled while the probe was in flight: roll back now
-        return advance_now(operation, now)
-    operation.state = OperationState.AWAITING_RECEIVER
-    return back_off(session, operation, step, now)
+    return step
 
 
 def back_off(

@@ -52,6 +52,8 @@ from models.migration import (
     finish,
     holding,
     lock_for_advance,
+    probe_accepted,
+    probe_refused,
     reported,
     step_states,
     succeed_step,
@@ -490,26 +492,14 @@ def _tested(
         )
     outcome = reply.data()
     if reply.ok and outcome.get("outcome") == "success":
-        succeed_step(step, now)
-        if step.name == Step.SEND_TEST_DELIVERY:
-            succeed_step(operation.step(Step.AWAIT_SUCCESS), now)
-        operation.state = OperationState.RUNNING
-        operation.wait_seconds = 0.0
-        return _next(operation, now)
+        return probe_accepted(operation, step, now)
     if reply.ok:
         status = outcome.get("response_status")
         said = str(outcome.get("error") or "failed").replace("\x00", "\ufffd")
         error = f"receiver answered {status}" if status else said
     else:
         error = reply.message()
-    error = error[:500]
-    if step.name == Step.SEND_TEST_DELIVERY:
-        succeed_step(step, now)  # sent; the waiting is the next step's
-        step.last_error = error
-        step = operation.step(Step.AWAIT_SUCCESS)
-        step.started_at = now
-    step.state = StepState.RUNNING
-    step.last_error = error
+    step = probe_refused(operation, step, now, error[:500])
     operation.state = OperationState.AWAITING_RECEIVER
     return back_off(session, operation, step, now)
 
