@@ -24,6 +24,7 @@ from models.errors import Conflict, NotFound, ValidationFailed
 from models.ids import new_id
 from models.org import API_KEY_DISPLAY_PREFIX_LEN, API_KEY_PREFIX
 from models.pagination import Page, paginate
+from rotator.settings import Settings
 
 MAX_NAME = 100
 MAX_BASE_URL = 2048
@@ -79,7 +80,7 @@ def check_name(name: Any) -> str | None:
     return None
 
 
-def check_base_url(session: Session, base_url: Any) -> str | None:
+def check_base_url(settings: Settings, base_url: Any) -> str | None:
     """The service root: https (http only where insecure URLs are allowed, as for
     deliveries), a host, no query, fragment or credentials. Where it connects is checked by
     the same destination rules as every delivery, at connect time."""
@@ -94,7 +95,7 @@ def check_base_url(session: Session, base_url: Any) -> str | None:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:
         return "is not a valid URL"
-    insecure = settings_of(session).allow_insecure_urls
+    insecure = settings.allow_insecure_urls
     if parts.scheme != "https" and not (insecure and parts.scheme == "http"):
         return "must be an https:// URL"
     if not parts.hostname or "@" in parts.netloc:
@@ -120,11 +121,11 @@ def normalized(base_url: str) -> str:
     return base_url.rstrip("/")
 
 
-def validate(session: Session, values: dict[str, Any]) -> None:
+def validate(settings: Settings, values: dict[str, Any]) -> None:
     """422 naming each field of ``values`` (name, base_url, api_key; those present) that fails."""
     problems = {
         "name": check_name(values["name"]) if "name" in values else None,
-        "base_url": check_base_url(session, values["base_url"]) if "base_url" in values else None,
+        "base_url": check_base_url(settings, values["base_url"]) if "base_url" in values else None,
         "api_key": check_api_key(values["api_key"]) if "api_key" in values else None,
     }
     details = {name: problem for name, problem in problems.items() if problem is not None}
@@ -139,7 +140,7 @@ def create(
     session: Session, org_id: uuid.UUID, *, name: str, base_url: str, api_key: str
 ) -> Provider:
     """Store an account the caller has already checked against the remote."""
-    validate(session, {"name": name, "base_url": base_url, "api_key": api_key})
+    validate(settings_of(session), {"name": name, "base_url": base_url, "api_key": api_key})
     now = clock.now()
     provider = Provider(
         id=new_id(),
@@ -215,7 +216,7 @@ def update(
         values["name"] = name
     if api_key is not None:
         values["api_key"] = api_key
-    validate(session, values)
+    validate(settings_of(session), values)
     if name is not None:
         provider.name = name
     if api_key is not None:

@@ -71,10 +71,6 @@ async def _check_key(
         raise ValidationFailed(problems)
 
 
-def _validate(session: Session, _org_id: uuid.UUID, values: dict[str, Any]) -> None:
-    providers.validate(session, values)
-
-
 @router.post(
     "/v1/providers",
     status_code=201,
@@ -87,7 +83,7 @@ async def create_provider(request: Request, caller: Admin) -> JSONResponse:
     (``GET /v1/webhooks?limit=1``) before it is stored, encrypted; it is never returned."""
     body = await read_json(request, ProviderCreate)
     values = body.model_dump()
-    await caller.run(_validate, values)  # a malformed field is refused before any call out
+    providers.validate(caller.db.settings, values)  # refused before any call out
     await _check_key(caller, None, body.base_url, body.api_key)
 
     def create(session: Session, org_id: uuid.UUID) -> dict[str, Any]:
@@ -136,9 +132,9 @@ async def update_provider(provider_id: uuid.UUID, request: Request, caller: Admi
     """Rename, or replace the key: a new key is tried at the provider first."""
     body = await read_json(request, ProviderUpdate)
     changes = body.model_dump(exclude_unset=True)
-    current = await caller.run(_get, provider_id)
-    await caller.run(_validate, changes)
+    providers.validate(caller.db.settings, changes)
     if "api_key" in changes:
+        current = await caller.run(_get, provider_id)
         await _check_key(caller, provider_id, current["base_url"], changes["api_key"])
 
     def update(session: Session, org_id: uuid.UUID) -> dict[str, Any]:
