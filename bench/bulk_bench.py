@@ -29,12 +29,10 @@ from pathlib import Path
 
 from bench.common import (
     HOST,
-    ROOT,
     BenchError,
     find_bin,
-    flush_broker,
     free_port,
-    rotator_cli,
+    vacuum_analyze,
 )
 from bench.migrate_bench import (
     DEFAULT_BROKER_URL,
@@ -44,8 +42,9 @@ from bench.migrate_bench import (
     _raise_on_sigterm,
     create_endpoints,
     create_org,
-    recreate_database,
+    prepare,
     run_migrations,
+    start_receiver,
 )
 
 GOAL_RATIO = 1.2
@@ -128,31 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rotator-bulk-bench-") as tmp:
         log_dir = Path(tmp)
         try:
-            recreate_database(args.database_url)
-            flush_broker(args.broker_url)
-            env.update(
-                ROTATOR_ENV="test",
-                ROTATOR_DATABASE_URL=args.database_url,
-                ROTATOR_BROKER_URL=args.broker_url,
-                ROTATOR_ALLOW_INSECURE_URLS="true",
-                ROTATOR_ENDPOINT_LIMIT="1000",
-                ROTATOR_LOG_LEVEL="WARNING",
-                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-            )
-            env["ROTATOR_ENCRYPTION_KEYS"] = rotator_cli(rotator, env, "secrets", "genkey")
-            rotator_cli(rotator, env, "db", "upgrade")
-            os.environ.update({k: v for k, v in env.items() if k.startswith("ROTATOR_")})
-            receiver_port, api_port = free_port(), free_port()
-            receiver = Proc(
-                "receiver",
-                [sys.executable, str(ROOT / "bench" / "receiver_server.py")]
-                + ["--port", str(receiver_port)],
-                env,
-                log_dir,
-            )
-            procs.append(receiver)
-            receiver.start()
-            receiver.wait_http(receiver_port, "/healthz")
+            prepare(rotator, env, args.database_url, args.broker_url, "WARNING")
+            receiver, receiver_port = start_receiver(env, log_dir, procs)
+            api_port = free_port()
             url = f"http://{HOST}:{receiver_port}"
             single = create_endpoints(
                 [(*create_org(rotator, env, "independent"), ORGS * PER_ORG)], url
@@ -160,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             many = create_endpoints(
                 [(*create_org(rotator, env, f"bulk-{n}"), PER_ORG) for n in range(ORGS)], url
             )
+            vacuum_analyze(args.database_url)
             api = Proc(
                 "api",
                 [rotator, "api", "--host", HOST, "--port", str(api_port), "--workers", "1"],

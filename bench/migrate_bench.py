@@ -169,6 +169,44 @@ class Org:
     endpoint_ids: list[str]
 
 
+def prepare(
+    rotator: str, env: dict[str, str], database_url: str, broker_url: str, log_level: str
+) -> None:
+    """A fresh database and broker, and ``env`` (and this process's environment, which
+    publishes and creates endpoints) set for them: the set-up every migration benchmark shares."""
+    recreate_database(database_url)
+    flush_broker(broker_url)
+    env.update(
+        # Not "production": it refuses ROTATOR_ALLOW_INSECURE_URLS, which the loopback
+        # http:// receiver needs; nothing else differs once a key is given.
+        ROTATOR_ENV="test",
+        ROTATOR_DATABASE_URL=database_url,
+        ROTATOR_BROKER_URL=broker_url,
+        ROTATOR_ALLOW_INSECURE_URLS="true",
+        ROTATOR_ENDPOINT_LIMIT="1000",
+        ROTATOR_LOG_LEVEL=log_level,
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    env["ROTATOR_ENCRYPTION_KEYS"] = rotator_cli(rotator, env, "secrets", "genkey")
+    rotator_cli(rotator, env, "db", "upgrade")
+    os.environ.update({k: v for k, v in env.items() if k.startswith("ROTATOR_")})
+
+
+def start_receiver(env: dict[str, str], log_dir: Path, procs: list[Proc]) -> tuple[Proc, int]:
+    """The accepting receiver every test delivery goes to, started and ready, and its port."""
+    port = free_port()
+    receiver = Proc(
+        "receiver",
+        [sys.executable, str(ROOT / "bench" / "receiver_server.py"), "--port", str(port)],
+        env,
+        log_dir,
+    )
+    procs.append(receiver)
+    receiver.start()
+    receiver.wait_http(port, "/healthz")
+    return receiver, port
+
+
 def create_org(rotator: str, env: dict[str, str], name: str) -> tuple[str, str]:
     issued = json.loads(rotator_cli(rotator, env, "orgs", "create", "--name", name))
     return str(issued["org_id"]), str(issued["api_key"])
@@ -950,38 +988,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rotator-migrate-bench-") as tmp:
         log_dir = Path(tmp)
         try:
-            recreate_database(args.database_url)
-            flush_broker(args.broker_url)
-            env.update(
-                # Not "production": it refuses ROTATOR_ALLOW_INSECURE_URLS, which the
-                # loopback http:// receiver needs; nothing else differs once a key is given.
-                ROTATOR_ENV="test",
-                ROTATOR_DATABASE_URL=args.database_url,
-                ROTATOR_BROKER_URL=args.broker_url,
-                ROTATOR_ALLOW_INSECURE_URLS="true",
-                ROTATOR_ENDPOINT_LIMIT="1000",
-                ROTATOR_LOG_LEVEL=args.log_level,
-                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-            )
-            env["ROTATOR_ENCRYPTION_KEYS"] = rotator_cli(rotator, env, "secrets", "genkey")
-            rotator_cli(rotator, env, "db", "upgrade")
-            # This process publishes the floor's chains and creates endpoints: same settings.
-            os.environ.update({k: v for k, v in env.items() if k.startswith("ROTATOR_")})
+            prepare(rotator, env, args.database_url, args.broker_url, args.log_level)
             import redis
 
             redis_client = redis.Redis.from_url(args.broker_url)
 
-            receiver_port, api_port = free_port(), free_port()
-            receiver = Proc(
-                "receiver",
-                [sys.executable, str(ROOT / "bench" / "receiver_server.py")]
-                + ["--port", str(receiver_port)],
-                env,
-                log_dir,
-            )
-            procs.append(receiver)
-            receiver.start()
-            receiver.wait_http(receiver_port, "/healthz")
+            receiver, receiver_port = start_receiver(env, log_dir, procs)
+            api_port = free_port()
 
             main_org = create_org(rotator, env, "migrate-bench")
             warm_org = create_org(rotator, env, "migrate-bench-warmup")
