@@ -538,9 +538,8 @@ def _deleted_new(
 
 
 def _next(operation: Operation, now: datetime) -> Advance:
-    operation.wait_seconds = (
-        0.0 if operation.state != OperationState.AWAITING_RECEIVER else (operation.wait_seconds)
-    )
+    """A call succeeded: the next one now, its backoff starting over."""
+    operation.wait_seconds = 0.0
     return advance_now(operation, now)
 
 

@@ -462,7 +462,7 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def _describe(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
     """A short fixed phrase for a failed attempt; never the exception's own message."""
     chain = list(_causes(exc))
     for cause in chain:
@@ -636,7 +636,7 @@ class Sender:
                 request.headers["User-Agent"] = USER_AGENT
                 response = self._client.send(request, stream=True)
             except Exception as exc:
-                error = _describe(exc)
+                error = describe_failure(exc)
             else:
                 try:
                     status = response.status_code
@@ -652,7 +652,7 @@ class Sender:
                             if len(excerpt) >= EXCERPT_BYTES:
                                 break
                     except Exception as exc:
-                        error = f"{_describe(exc)} while reading body"
+                        error = f"{describe_failure(exc)} while reading body"
                 finally:
                     try:
                         response.close()
@@ -704,11 +704,6 @@ def printable_text(raw: bytes) -> str:
     """Bytes a receiver or provider sent, as text any database stores: invalid UTF-8 and NUL
     characters (PostgreSQL's text refuses them) become U+FFFD."""
     return raw.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
-
-
-def describe_failure(exc: BaseException) -> str:
-    """The short fixed phrase a failed request is logged and recorded as (never its message)."""
-    return _describe(exc)
 
 
 @contextmanager
