@@ -31,14 +31,20 @@ def advance(db: Database, operation_id: uuid.UUID) -> None:
     outside any transaction, and its outcome is recorded with the operation's next move.
     """
     with logs.bound(operation_id=operation_id):
+        call = None
         with db.session() as session:
             step = migrations.begin_advance(session, operation_id)
+            is_remote = step.remote
+            if is_remote:  # the same transaction, the operation already locked by it
+                call, step = remote.begin(session, operation_id)
             _schedule(session, operation_id, step)
             _tell_parent(session, step)
             if step.org_rotation is not None:
                 expire_later(session, step.org_rotation)
-        if step.remote:
-            _advance_remote(db, operation_id)
+        if is_remote:
+            _report(db, step, None)
+            if call is not None:
+                _call_provider(db, operation_id, call)
             return
         _report(db, step, "probe_sent" if step.probe_delivery_id is not None else None)
         if step.probe_delivery_id is None:
@@ -58,14 +64,9 @@ def advance(db: Database, operation_id: uuid.UUID) -> None:
         _report(db, after, "waiting" if after.again_in is not None else None)
 
 
-def _advance_remote(db: Database, operation_id: uuid.UUID) -> None:
-    """A remote migrate's step: one call to the provider between two transactions, the first
-    recording that it is about to be made (models/remote.py)."""
-    with db.session() as session:
-        call, began = remote.begin(session, operation_id)
-    _report(db, began, None)
-    if call is None:
-        return
+def _call_provider(db: Database, operation_id: uuid.UUID, call: remote.RemoteCall) -> None:
+    """A remote migrate's call, made after the transaction that recorded it is about to be
+    made, and its answer taken in a second one (models/remote.py)."""
     reply = perform(db.settings, call)
     with db.session() as session:
         after = remote.record(session, operation_id, call, reply)
