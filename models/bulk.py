@@ -183,7 +183,7 @@ def _lock(session: Session, parent_id: uuid.UUID) -> Operation | None:
     return session.scalars(
         select(Operation)
         .where(Operation.id == parent_id)
-        .with_for_update()
+        .with_for_update(key_share=True)
         .execution_options(populate_existing=True)
     ).one_or_none()
 
@@ -259,7 +259,7 @@ def cancel(
     # Only waiting children are locked here: a started child locks itself, then this parent,
     # when it ends (``child_ended``); locking it from here could deadlock with that.
     waiting = session.scalars(
-        select(Operation).where(*_waiting(operation.id)).with_for_update()
+        select(Operation).where(*_waiting(operation.id)).with_for_update(key_share=True)
     ).all()
     for child in waiting:
         migrations.end_unstarted(session, child, now)

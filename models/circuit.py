@@ -92,7 +92,7 @@ def note(
         select(EndpointCircuit)
         .where(EndpointCircuit.endpoint_id.in_(failed))
         .order_by(EndpointCircuit.endpoint_id)
-        .with_for_update()
+        .with_for_update(key_share=True)
         .execution_options(populate_existing=True)
     )
     opened: dict[uuid.UUID, datetime] = {}

@@ -279,7 +279,7 @@ def get_endpoint(
     """A live endpoint of this organization, in a unit of work (locked with ``for_update``)."""
     query = select(WebhookEndpoint).where(*_LIVE)
     if for_update:
-        query = query.with_for_update()
+        query = query.with_for_update(key_share=True)
     params = {"org_id": org_id, "endpoint_id": endpoint_id}
     endpoint = session.scalars(query, params).one_or_none()
     if endpoint is None:

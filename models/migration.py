@@ -288,7 +288,7 @@ def lock_for_advance(session: Session, operation_id: uuid.UUID) -> Operation | N
             select(Operation)
             .options(joinedload(Operation.steps, innerjoin=True))
             .where(Operation.id == operation_id)
-            .with_for_update()
+            .with_for_update(key_share=True)
         )
         .unique()
         .one_or_none()

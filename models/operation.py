@@ -472,7 +472,7 @@ def _locked(
     operation = session.scalars(
         select(Operation)
         .where(Operation.id == operation_id, Operation.org_id == org_id)
-        .with_for_update()
+        .with_for_update(key_share=True)
     ).one_or_none()
     if operation is None:
         raise NotFound()

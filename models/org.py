@@ -117,7 +117,9 @@ def revoke_key(session: Session, key_id: uuid.UUID) -> ApiKey:
 def lock_org(session: Session, org_id: uuid.UUID) -> None:
     """Serialise per-organization rules (the endpoint cap, org secret rotation, the replay
     limit) on the organization row; a no-op on SQLite, whose writers are serialised anyway."""
-    session.execute(select(Organization.id).where(Organization.id == org_id).with_for_update())
+    session.execute(
+        select(Organization.id).where(Organization.id == org_id).with_for_update(key_share=True)
+    )
 
 
 def well_formed_key(api_key: str) -> bool:

@@ -186,7 +186,7 @@ def _expire(row: OrgSecret, now: datetime, by: ExpiredBy) -> None:
 def expire_one(session: Session, secret_id: uuid.UUID) -> bool:
     """Mark one previous secret expired if its window has passed. Idempotent."""
     row = session.scalars(
-        select(OrgSecret).where(OrgSecret.id == secret_id).with_for_update()
+        select(OrgSecret).where(OrgSecret.id == secret_id).with_for_update(key_share=True)
     ).one_or_none()
     now = clock.now()
     if row is None or row.state != SecretState.PREVIOUS:
@@ -203,7 +203,7 @@ def sweep(session: Session) -> list[float]:
     rows = session.scalars(
         select(OrgSecret)
         .where(OrgSecret.state == SecretState.PREVIOUS, OrgSecret.valid_until <= now)
-        .with_for_update(skip_locked=True)
+        .with_for_update(key_share=True, skip_locked=True)
     ).all()
     lags = []
     for row in rows:

@@ -2,7 +2,7 @@
 nobody at the keyboard.
 
 Each due policy starts exactly one operation per due time: the tick locks due rows with
-``FOR UPDATE SKIP LOCKED`` and the operation carries (policy, due time) under a unique
+``FOR NO KEY UPDATE SKIP LOCKED`` and the operation carries (policy, due time) under a unique
 constraint, so even two beats cannot start a run twice. Missed runs collapse into one
 catch-up run, after which the schedule moves forward from now. The policies themselves are
 ``models/policy.py``'s; what a run starts is ``models/migration.py``'s, ``models/bulk.py``'s and
@@ -48,7 +48,7 @@ def run_due(session: Session, *, limit: int = 100) -> list[Run]:
         )
         .order_by(RotationPolicy.next_run_at)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(key_share=True, skip_locked=True)
     ).all()
     runs = []
     for policy in due:

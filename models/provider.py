@@ -169,7 +169,7 @@ def get(
         Provider.id == provider_id, Provider.org_id == org_id, Provider.deleted_at.is_(None)
     )
     if for_update:
-        query = query.with_for_update()
+        query = query.with_for_update(key_share=True)
     provider = session.scalars(query).one_or_none()
     if provider is None:
         raise NotFound()

@@ -56,7 +56,7 @@ def reencrypt_all(session: Session) -> dict[str, int]:
         rows = session.execute(
             select(model.id, encrypted.column)
             .where(encrypted.column.is_not(None))
-            .with_for_update()
+            .with_for_update(key_share=True)
         ).all()
         changes = []
         for row_id, blob in rows:

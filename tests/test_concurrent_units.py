@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 
 from models import endpoint as endpoints
 from models import migration as migrations
@@ -158,3 +158,43 @@ def test_reads_go_on_while_another_process_holds_the_write_lock(database, settin
 
             row = asyncio.run(asyncio.wait_for(read(), timeout=10))
     assert row == {"url": URL}
+
+
+def test_a_write_in_flight_does_not_hold_up_endpoint_creation_or_a_migrate(database, settings):
+    """Every insert that references the organization or an endpoint (an event, a delivery, an
+    operation) takes ``FOR KEY SHARE`` on those rows for its foreign-key check until it commits.
+    Rotator's own row locks are ``FOR NO KEY UPDATE`` (docs/architecture.md, "Row locks"), which
+    that lock does not block: with ``FOR UPDATE``, creating an endpoint would wait for every
+    unfinished write of its organization, and every write of the organization for it."""
+    if database.dialect != "postgresql":
+        pytest.skip("row lock modes are PostgreSQL's")
+    tenant = make_tenant(database)
+    source = _source(database, tenant).endpoint
+    with two_pools(settings) as (writer, other):
+        with writer.engine.connect() as held:
+            held.begin()
+            held.execute(
+                text("SELECT id FROM organizations WHERE id = :id FOR KEY SHARE"),
+                {"id": tenant.org_id},
+            )
+            held.execute(
+                text("SELECT id FROM webhook_endpoints WHERE id = :id FOR KEY SHARE"),
+                {"id": source.id},
+            )
+
+            # Each unit of work gives up on a lock it waits 5 s for, instead of the test hanging.
+            with other.session() as session:
+                session.execute(text("SET LOCAL lock_timeout = '5s'"))
+                endpoints.create_endpoint(session, tenant.org_id, url=URL, events=["brand.vetted"])
+            with other.session() as session:
+                session.execute(text("SET LOCAL lock_timeout = '5s'"))
+                started = migrations.start_migration(session, tenant.org_id, source.id)
+            with other.session() as session:
+                session.execute(text("SET LOCAL lock_timeout = '5s'"))
+                migrations.begin_advance(session, started.operation.id)  # create_endpoint
+            held.rollback()
+
+    with database.session() as session:
+        operation = session.get(operations.Operation, started.operation.id)
+        assert operation is not None
+        assert operation.new_endpoint_id is not None

@@ -383,10 +383,10 @@ class RowLock:
 
 DB_STEPS = {
     # step: (the row the test locks, the worker statement that blocks on it)
-    # create_endpoint serialises per organization with SELECT … FOR UPDATE on its row.
+    # create_endpoint serialises per organization with SELECT … FOR NO KEY UPDATE on its row.
     Step.CREATE_ENDPOINT: (
-        "SELECT id FROM organizations WHERE id = :org_id FOR UPDATE",
-        r"FROM organizations .*FOR UPDATE",
+        "SELECT id FROM organizations WHERE id = :org_id FOR NO KEY UPDATE",
+        r"FROM organizations .*FOR NO KEY UPDATE",
     ),
     # delete_old_endpoint UPDATEs the source row. NO KEY UPDATE, not FOR UPDATE: the earlier
     # steps re-check the operation's foreign keys (FOR KEY SHARE on the source row) when they
