@@ -285,7 +285,9 @@ def vacuum_analyze(database_url: str) -> None:
     record's through the ``state`` index, walking every pending delivery (30 ms instead of 1 ms
     per claim of 20 after some 100k deliveries); an endpoint read by id through the
     organization's index, reading all its endpoints (500 rows per read in the migrate
-    benchmark, 4 000 tuples fetched per migration).
+    benchmark, 4 000 tuples fetched per migration); the operations, their steps, events and
+    deliveries by whole scans once the rounds before had filled them (statistics taken while
+    they were empty).
     """
     import psycopg
 

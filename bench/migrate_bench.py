@@ -25,7 +25,9 @@ One run:
 4. ``floor-0``: ``--chains`` chains of four no-op tasks (``bench/floor_app.py``), their first
    tasks published at once from this process on one producer; the clock runs from the first
    publish to the last ``task4``. Per chain: its publish to its ``task4``.
-5. ``rotator-k``: ``--migrations`` ``POST /v1/webhooks/{id}/migrate`` on ``--api-clients``
+5. ``rotator-k``: the database is ``VACUUM (ANALYZE)``d first (not timed; as autovacuum would
+   in a running deployment, and this machine's PostgreSQL runs without it), then
+   ``--migrations`` ``POST /v1/webhooks/{id}/migrate`` on ``--api-clients``
    keep-alive connections at once; the workers run meanwhile (with ``--sequential`` they stop
    consuming, by Celery's remote control, until the last 202). The clock runs from the first
    POST until every operation row has ``finished_at`` (the database is polled every 50 ms; the
@@ -1047,6 +1049,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 clear_probe(redis_client)
                 sources = measured
                 for index in range(1, args.rounds + 1):
+                    # Statistics as autovacuum would keep them: each round adds 500 operations
+                    # and their rows, which stale statistics would have read by whole scans.
+                    vacuum_analyze(args.database_url)
                     phase = run_migrations(
                         f"rotator-{index}",
                         sources,
