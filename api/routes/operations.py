@@ -68,13 +68,13 @@ def _migrate(
     fingerprint = idempotency.request_fingerprint(
         str(endpoint_id), body.model_dump(exclude_unset=True)
     )
-    try:
-        get_endpoint(session, org_id, endpoint_id, for_update=True)  # serialise per endpoint
-    except NotFound:
-        # Deleted since the first request (its own migration may have finished): the first
-        # response still stands for this key and body; another body stays 404, and another
-        # API key's use of the key is 422 as ever.
-        if key is not None:
+    if key is not None:  # without a key, start_migration locks the endpoint (or is a 404)
+        try:
+            get_endpoint(session, org_id, endpoint_id, for_update=True)  # serialise per endpoint
+        except NotFound:
+            # Deleted since the first request (its own migration may have finished): the first
+            # response still stands for this key and body; another body stays 404, and another
+            # API key's use of the key is 422 as ever.
             try:
                 stored = idempotency.recall(
                     session, org_id, key, fingerprint, api_key_id=api_key_id
@@ -83,7 +83,7 @@ def _migrate(
                 stored = None
             if stored is not None:
                 return stored
-        raise
+            raise
 
     def start() -> dict[str, Any]:
         started = migrations.start_migration(
