@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -19,9 +20,12 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    Select,
     String,
     Table,
     Text,
+    Update,
+    bindparam,
     insert,
     select,
     update,
@@ -288,38 +292,47 @@ def create_system_delivery(
 
 
 def last_attempt(session: Session, delivery_id: uuid.UUID) -> DeliveryAttempt | None:
-    return session.scalars(
+    return session.scalars(_last_attempt(), {"delivery_id": delivery_id}).one_or_none()
+
+
+# Statements a safe migrate's steps run are built once: building one costs more CPU than
+# running it (docs/performance.md, "Safe-migrate benchmark").
+@cache
+def _last_attempt() -> Select[DeliveryAttempt]:
+    return (
         select(DeliveryAttempt)
-        .where(DeliveryAttempt.delivery_id == delivery_id)
+        .where(DeliveryAttempt.delivery_id == bindparam("delivery_id"))
         .order_by(DeliveryAttempt.attempt.desc())
         .limit(1)
-    ).one_or_none()
+    )
 
 
 def close_probe(session: Session, delivery_id: uuid.UUID) -> None:
     """A probe whose operation ended without success is dead: nothing will send it again."""
     session.execute(
-        update(Delivery)
-        .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING)
-        .values(
-            state=DeliveryState.DEAD,
-            next_attempt_at=None,
-            leased_until=None,
-            updated_at=clock.now(),
-        )
+        _end_pending(by_endpoint=False),
+        {"row_id": delivery_id, "to": DeliveryState.DEAD, "now": clock.now()},
     )
 
 
 def abandon_pending(session: Session, endpoint_id: uuid.UUID) -> None:
     """An endpoint that is deleted receives nothing more; its history stays."""
-    session.execute(
+    params = {"row_id": endpoint_id, "to": DeliveryState.ABANDONED, "now": clock.now()}
+    session.execute(_end_pending(by_endpoint=True), params)
+
+
+@cache
+def _end_pending(*, by_endpoint: bool) -> Update:
+    """Pending deliveries (one, or an endpoint's) to the final state ``to``."""
+    column = Delivery.endpoint_id if by_endpoint else Delivery.id
+    return (
         update(Delivery)
-        .where(Delivery.endpoint_id == endpoint_id, Delivery.state == DeliveryState.PENDING)
+        .where(column == bindparam("row_id"), Delivery.state == DeliveryState.PENDING)
         .values(
-            state=DeliveryState.ABANDONED,
+            state=bindparam("to"),
             next_attempt_at=None,
             leased_until=None,
-            updated_at=clock.now(),
+            updated_at=bindparam("now"),
         )
     )
 

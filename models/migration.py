@@ -20,8 +20,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from functools import cache
 
-from sqlalchemy import event, func, select
+from sqlalchemy import Select, bindparam, event, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
@@ -284,14 +285,19 @@ def lock_for_advance(session: Session, operation_id: uuid.UUID) -> Operation | N
     nullable side of an outer join).
     """
     return (
-        session.scalars(
-            select(Operation)
-            .options(joinedload(Operation.steps, innerjoin=True))
-            .where(Operation.id == operation_id)
-            .with_for_update(key_share=True)
-        )
-        .unique()
-        .one_or_none()
+        session.scalars(_lock_for_advance(), {"operation_id": operation_id}).unique().one_or_none()
+    )
+
+
+# The transitions' statements are built once: building one costs more CPU than running it
+# (docs/performance.md, "Safe-migrate benchmark").
+@cache
+def _lock_for_advance() -> Select[Operation]:
+    return (
+        select(Operation)
+        .options(joinedload(Operation.steps, innerjoin=True))
+        .where(Operation.id == bindparam("operation_id"))
+        .with_for_update(key_share=True)
     )
 
 
@@ -448,18 +454,21 @@ def _create_endpoint(
 
 def _pairs_in_flight(session: Session, operation: Operation) -> int:
     """Other unfinished migrations of the organization whose new endpoint exists."""
+    params = {"org_id": operation.org_id, "operation_id": operation.id}
+    return session.scalar(_pairs_in_flight_statement(), params) or 0
+
+
+@cache
+def _pairs_in_flight_statement() -> Select[int]:
     return (
-        session.scalar(
-            select(func.count())
-            .select_from(Operation)
-            .where(
-                Operation.org_id == operation.org_id,
-                Operation.finished_at.is_(None),
-                Operation.new_endpoint_id.is_not(None),
-                Operation.id != operation.id,
-            )
+        select(func.count())
+        .select_from(Operation)
+        .where(
+            Operation.org_id == bindparam("org_id"),
+            Operation.finished_at.is_(None),
+            Operation.new_endpoint_id.is_not(None),
+            Operation.id != bindparam("operation_id"),
         )
-        or 0
     )
 
 
@@ -467,11 +476,12 @@ def _parent_canceled(session: Session, operation: Operation) -> bool:
     """A bulk migrate's cancel reaches each child that has started at its next step."""
     if operation.parent_id is None:
         return False
-    return bool(
-        session.scalar(
-            select(Operation.cancel_requested).where(Operation.id == operation.parent_id)
-        )
-    )
+    return bool(session.scalar(_parent_canceled_statement(), {"parent_id": operation.parent_id}))
+
+
+@cache
+def _parent_canceled_statement() -> Select[bool]:
+    return select(Operation.cancel_requested).where(Operation.id == bindparam("parent_id"))
 
 
 def _start_probe(

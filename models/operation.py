@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Collection
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -26,14 +27,17 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    Select,
     String,
     UniqueConstraint,
+    Update,
     bindparam,
     select,
     text,
     update,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
+from sqlalchemy.sql.elements import BindParameter
 
 from models import clock
 from models.base import Base, IdMixin, UTCDateTime, enum_column
@@ -271,13 +275,20 @@ def active_for_endpoint(
 ) -> Operation | None:
     """The unfinished operation (other than ``besides``) that uses ``endpoint_id`` as its
     source or its new endpoint."""
+    params = {"endpoint_id": endpoint_id, "besides": besides}
+    return session.scalars(_active_for_endpoint(besides is not None), params).first()
+
+
+# Statements every migrate, delete and rotate runs are built once: building one costs more CPU
+# than running it (docs/performance.md, "Safe-migrate benchmark").
+@cache
+def _active_for_endpoint(besides: bool) -> Select[Operation]:
+    endpoint_id: BindParameter[uuid.UUID] = bindparam("endpoint_id")
     query = select(Operation).where(
         Operation.finished_at.is_(None),
         (Operation.source_endpoint_id == endpoint_id) | (Operation.new_endpoint_id == endpoint_id),
     )
-    if besides is not None:
-        query = query.where(Operation.id != besides)
-    return session.scalars(query).first()
+    return query.where(Operation.id != bindparam("besides")) if besides else query
 
 
 def ensure_idle(
@@ -423,13 +434,21 @@ def forget_endpoint_secret(session: Session, endpoint: WebhookEndpoint) -> None:
     unrevealed copy of that secret (the new endpoint's for a migration, the endpoint's own for
     a scheduled rotate) is stale, and goes."""
     session.execute(
+        _forget_endpoint_secret(), {"in_org": endpoint.org_id, "endpoint_id": endpoint.id}
+    )
+
+
+@cache
+def _forget_endpoint_secret() -> Update:
+    endpoint_id: BindParameter[uuid.UUID] = bindparam("endpoint_id")
+    return (
         update(Operation)
         .where(
-            Operation.org_id == endpoint.org_id,
+            Operation.org_id == bindparam("in_org"),
             Operation.new_secret_ciphertext.is_not(None),
             Operation.finished_at.is_not(None),
-            (Operation.new_endpoint_id == endpoint.id)
-            | (Operation.new_endpoint_id.is_(None) & (Operation.source_endpoint_id == endpoint.id)),
+            (Operation.new_endpoint_id == endpoint_id)
+            | (Operation.new_endpoint_id.is_(None) & (Operation.source_endpoint_id == endpoint_id)),
         )
         .values(new_secret_ciphertext=None)
     )

@@ -9,9 +9,22 @@ import re
 import uuid
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, select, text, update
+from sqlalchemy import (
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    Select,
+    String,
+    Update,
+    bindparam,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -322,18 +335,31 @@ def follow_migration(
     A new endpoint given a policy of its own while the migration ran keeps that one (one policy
     per endpoint), and the old endpoint's policy ends with its endpoint, as on a delete.
     """
-    own = session.scalar(
-        select(RotationPolicy.id).where(
-            RotationPolicy.endpoint_id == new_endpoint_id, RotationPolicy.deleted_at.is_(None)
-        )
-    )
+    own = session.scalar(_live_policy_of(), {"endpoint_id": new_endpoint_id})
     if own is not None:
         end_policies_for_endpoint(session, old_endpoint_id)
         return
-    session.execute(
+    params = {"old_id": old_endpoint_id, "new_id": new_endpoint_id, "now": clock.now()}
+    session.execute(_move_policies(), params)
+
+
+# A safe migrate's last step runs these; built once (docs/performance.md, "Safe-migrate
+# benchmark").
+@cache
+def _live_policy_of() -> Select[uuid.UUID]:
+    return select(RotationPolicy.id).where(
+        RotationPolicy.endpoint_id == bindparam("endpoint_id"), RotationPolicy.deleted_at.is_(None)
+    )
+
+
+@cache
+def _move_policies() -> Update:
+    return (
         update(RotationPolicy)
-        .where(RotationPolicy.endpoint_id == old_endpoint_id, RotationPolicy.deleted_at.is_(None))
-        .values(endpoint_id=new_endpoint_id, updated_at=clock.now())
+        .where(
+            RotationPolicy.endpoint_id == bindparam("old_id"), RotationPolicy.deleted_at.is_(None)
+        )
+        .values(endpoint_id=bindparam("new_id"), updated_at=bindparam("now"))
     )
 
 
