@@ -28,7 +28,6 @@ from models import operation as operations
 from models.endpoint import WebhookEndpoint
 from models.errors import ValidationFailed
 from models.events import SUBSCRIBABLE_EVENT_TYPES
-from models.ids import new_id
 from models.operation import (
     CONCURRENCY_DEFAULT,
     CONCURRENCY_MAX,
@@ -40,6 +39,7 @@ from models.operation import (
     OperationState,
     Trigger,
     check_deadline,
+    new_operation,
 )
 
 MAX_NAMED = 1000  # endpoint_ids in one request
@@ -133,10 +133,10 @@ def start(
     check(max_concurrency=max_concurrency, deadline_seconds=deadline_seconds, handoff=handoff)
     chosen = select_endpoints(session, org_id, endpoint_ids=endpoint_ids, events=events)
     now = clock.now()
-    parent = Operation(
-        id=new_id(),
-        org_id=org_id,
-        kind=OperationKind.BULK_MIGRATE,
+    parent = new_operation(
+        org_id,
+        OperationKind.BULK_MIGRATE,
+        now,
         state=OperationState.RUNNING,
         trigger=trigger,
         policy_id=policy_id,
@@ -148,14 +148,7 @@ def start(
         },
         handoff=handoff,
         secret_revealed=True,
-        cancel_requested=False,
-        wait_seconds=0.0,
-        deadline_at=None,
         started_at=now,
-        next_advance_at=None,
-        created_at=now,
-        updated_at=now,
-        steps=[],
     )
     session.add(parent)
     session.flush()

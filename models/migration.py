@@ -41,7 +41,6 @@ from models.endpoint import (
     signing_key,
 )
 from models.errors import Conflict, LimitExceeded, NotFound, ValidationFailed
-from models.ids import new_id
 from models.operation import (
     DEADLINE_DEFAULT_S,
     MIGRATE_STEPS,
@@ -58,6 +57,7 @@ from models.operation import (
     count_ended,
     count_started,
     ensure_idle,
+    new_operation,
     new_secret_of,
     secret_context,
 )
@@ -120,11 +120,11 @@ def start_migration(
     ensure_idle(session, source.id)
     now = clock.now()
     secret = new_secret()
-    operation = Operation(
-        id=new_id(),
-        org_id=org_id,
-        kind=kind,
-        state=OperationState.PENDING,
+    operation = new_operation(
+        org_id,
+        kind,
+        now,
+        steps=MIGRATE_STEPS,
         trigger=trigger,
         policy_id=policy_id,
         scheduled_for=scheduled_for,
@@ -133,21 +133,13 @@ def start_migration(
         params=params,
         handoff=handoff,
         secret_revealed=reveal,
-        cancel_requested=False,
-        wait_seconds=0.0,
         deadline_at=now + timedelta(seconds=deadline) if start else None,
         started_at=now if start else None,
         next_advance_at=now if start else None,
-        created_at=now,
-        updated_at=now,
     )
     operation.new_secret_ciphertext = box_of(session).encrypt(
         base64.b64decode(secret), context=secret_context(operation.id)
     )
-    operation.steps = [
-        OperationStep(id=new_id(), position=index, name=name, state=StepState.PENDING, attempts=0)
-        for index, name in enumerate(MIGRATE_STEPS)
-    ]
     session.add(operation)
     try:
         # No savepoint: the unit of work rolls back on the Conflict anyway (a caller that
@@ -176,28 +168,20 @@ def start_rotation(
         ensure_idle(session, endpoint_id)
     now = clock.now()
     step = Step.ROTATE_SECRET if endpoint_id is not None else Step.ROTATE_ORG_SECRET
-    operation = Operation(
-        id=new_id(),
-        org_id=org_id,
-        kind=OperationKind.SCHEDULED_ROTATION
+    operation = new_operation(
+        org_id,
+        OperationKind.SCHEDULED_ROTATION
         if endpoint_id is not None
         else OperationKind.ORG_SECRET_ROTATION,
-        state=OperationState.PENDING,
+        now,
+        steps=(step,),
         trigger=Trigger.SCHEDULE,
         policy_id=policy_id,
         scheduled_for=scheduled_for,
         source_endpoint_id=endpoint_id,
-        params={},
-        handoff="none",
-        secret_revealed=False,
-        cancel_requested=False,
-        wait_seconds=0.0,
         deadline_at=now + timedelta(seconds=DEADLINE_DEFAULT_S),
         started_at=now,
         next_advance_at=now,
-        created_at=now,
-        updated_at=now,
-        steps=[OperationStep(id=new_id(), position=0, name=step, state=StepState.PENDING)],
     )
     session.add(operation)
     session.flush()

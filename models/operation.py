@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import cache
@@ -43,6 +43,7 @@ from models import clock
 from models.base import Base, IdMixin, UTCDateTime, enum_column
 from models.db import after_commit, box_of, settings_of
 from models.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from models.ids import new_id
 from models.org import Scope
 from models.pagination import Page, paginate
 from models.reads import Query, Reads
@@ -251,6 +252,41 @@ class OperationStep(IdMixin, Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(String(500))
+
+
+def new_operation(
+    org_id: uuid.UUID,
+    kind: OperationKind,
+    now: datetime,
+    *,
+    steps: Sequence[Step] = (),
+    **fields: Any,
+) -> Operation:
+    """A new operation row, as every kind starts: pending, not canceled, no backoff, nothing
+    revealed, created now, one pending row per step in order; ``fields`` set the rest."""
+    defaults: dict[str, Any] = {
+        "state": OperationState.PENDING,
+        "trigger": Trigger.API,
+        "params": {},
+        "handoff": "none",
+        "secret_revealed": False,
+        "cancel_requested": False,
+        "wait_seconds": 0.0,
+    }
+    return Operation(
+        id=new_id(),
+        org_id=org_id,
+        kind=kind,
+        created_at=now,
+        updated_at=now,
+        steps=[
+            OperationStep(
+                id=new_id(), position=position, name=name, state=StepState.PENDING, attempts=0
+            )
+            for position, name in enumerate(steps)
+        ],
+        **(defaults | fields),
+    )
 
 
 def secret_context(operation_id: uuid.UUID) -> str:

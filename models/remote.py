@@ -41,7 +41,6 @@ from models import provider as providers
 from models.db import box_of, settings_of
 from models.endpoint import check_description, check_events, check_url
 from models.errors import Conflict, ValidationFailed
-from models.ids import new_id
 from models.migration import (
     NOTHING,
     Advance,
@@ -65,12 +64,12 @@ from models.operation import (
     Operation,
     OperationKind,
     OperationState,
-    OperationStep,
     Step,
     StepState,
     Trigger,
     check_deadline,
     count_started,
+    new_operation,
     secret_context,
 )
 from models.provider import Account, Provider
@@ -162,11 +161,11 @@ def start(
         raise ValidationFailed(details)
     _ensure_idle(session, provider.id, remote_id)
     now = clock.now()
-    operation = Operation(
-        id=new_id(),
-        org_id=org_id,
-        kind=OperationKind.REMOTE_MIGRATE,
-        state=OperationState.PENDING,
+    operation = new_operation(
+        org_id,
+        OperationKind.REMOTE_MIGRATE,
+        now,
+        steps=MIGRATE_STEPS,
         trigger=trigger,
         policy_id=policy_id,
         scheduled_for=scheduled_for,
@@ -178,21 +177,9 @@ def start(
             "description": description,
             "deadline_seconds": deadline,
         },
-        handoff="none",
-        secret_revealed=False,
-        cancel_requested=False,
-        wait_seconds=0.0,
         deadline_at=now + timedelta(seconds=deadline),
         started_at=now,
         next_advance_at=now,
-        created_at=now,
-        updated_at=now,
-        steps=[
-            OperationStep(
-                id=new_id(), position=index, name=name, state=StepState.PENDING, attempts=0
-            )
-            for index, name in enumerate(MIGRATE_STEPS)
-        ],
     )
     session.add(operation)
     try:
