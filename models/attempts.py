@@ -215,6 +215,15 @@ def _claim_statements() -> _ClaimStatements:
     # The claimed rows joined to what they send, in the claim's own statement (a data-modifying
     # CTE, which SQLite does not have): one round trip less per claim.
     claimed = claim.cte("claimed")
+    # What each claimed attempt sends: its endpoint's and its event's columns.
+    sent = (
+        endpoint.url,
+        endpoint.api_version,
+        endpoint.secret_ciphertext,
+        event.type,
+        event.data,
+        event.created_at,
+    )
     claim_with_sources = (
         select(
             claimed.c.id,
@@ -223,12 +232,7 @@ def _claim_statements() -> _ClaimStatements:
             claimed.c.event_id,
             claimed.c.kind,
             claimed.c.attempts,
-            endpoint.url,
-            endpoint.api_version,
-            endpoint.secret_ciphertext,
-            event.type,
-            event.data,
-            event.created_at,
+            *sent,
         )
         .join(_ENDPOINTS, endpoint.id == claimed.c.endpoint_id)
         .join(EVENTS, event.id == claimed.c.event_id)
@@ -249,15 +253,7 @@ def _claim_statements() -> _ClaimStatements:
             updated_at=now,
         ),
         # What each claimed attempt sends, endpoint and event together: one round trip.
-        sources=select(
-            column.id,
-            endpoint.url,
-            endpoint.api_version,
-            endpoint.secret_ciphertext,
-            event.type,
-            event.data,
-            event.created_at,
-        )
+        sources=select(column.id, *sent)
         .join(_ENDPOINTS, endpoint.id == column.endpoint_id)
         .join(EVENTS, event.id == column.event_id)
         .where(column.id.in_(ids)),

@@ -26,7 +26,7 @@ from models import clock
 from models import migration as migrations
 from models import operation as operations
 from models.endpoint import WebhookEndpoint
-from models.errors import ValidationFailed
+from models.errors import ValidationFailed, raise_if_any
 from models.events import SUBSCRIBABLE_EVENT_TYPES
 from models.operation import (
     CONCURRENCY_DEFAULT,
@@ -109,9 +109,7 @@ def check(*, max_concurrency: int, deadline_seconds: int, handoff: str) -> None:
         "deadline_seconds": check_deadline(deadline_seconds),
         "handoff": None if handoff in HANDOFFS else f"must be one of {', '.join(HANDOFFS)}",
     }
-    details = {name: problem for name, problem in problems.items() if problem}
-    if details:
-        raise ValidationFailed(details)
+    raise_if_any(problems)
 
 
 def start(

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from models import clock
 from models.base import Base, IdMixin, UTCDateTime
 from models.db import box_of, settings_of
-from models.errors import LimitExceeded, NotFound, ValidationFailed
+from models.errors import LimitExceeded, NotFound, raise_if_any
 from models.events import SUBSCRIBABLE_EVENT_TYPES, SUPPORTED_API_VERSIONS, SYSTEM_EVENT_TYPES
 from models.ids import new_id
 from models.operation import ensure_idle, forget_endpoint_secret
@@ -171,12 +171,6 @@ def check_description(description: Any) -> str | None:
     return None
 
 
-def _raise_if(problems: Mapping[str, str | None]) -> None:
-    details = {field: problem for field, problem in problems.items() if problem}
-    if details:
-        raise ValidationFailed(details)
-
-
 # --- rules ------------------------------------------------------------------------------------
 
 
@@ -197,7 +191,7 @@ def create_endpoint(
     other unfinished pairs); asked only when the organization is at the cap.
     """
     version = SUPPORTED_API_VERSIONS[0] if api_version is None else api_version
-    _raise_if(
+    raise_if_any(
         {
             "url": check_url(session, url),
             "events": check_events(list(events)),
@@ -346,7 +340,7 @@ def update_endpoint(
         problems["description"] = check_description(changes["description"])
     if "active" in changes and not isinstance(changes["active"], bool):
         problems["active"] = "must be a boolean"
-    _raise_if(problems)
+    raise_if_any(problems)
     endpoint = get_endpoint(session, org_id, endpoint_id, for_update=True)
     if any(field in changes and getattr(endpoint, field) != changes[field] for field in PINNED):
         ensure_idle(session, endpoint.id)

@@ -52,6 +52,13 @@ class ValidationFailed(DomainError):
         super().__init__(details=details)
 
 
+def raise_if_any(problems: Mapping[str, str | None]) -> None:
+    """422 naming each field whose check found a problem (None: the field is fine)."""
+    details = {field: problem for field, problem in problems.items() if problem}
+    if details:
+        raise ValidationFailed(details)
+
+
 class RateLimited(DomainError):
     status, code, message = 429, "RATE_LIMITED", "rate limit exceeded"
 

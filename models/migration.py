@@ -40,7 +40,7 @@ from models.endpoint import (
     new_secret,
     signing_key,
 )
-from models.errors import Conflict, LimitExceeded, NotFound, ValidationFailed
+from models.errors import Conflict, LimitExceeded, NotFound, ValidationFailed, raise_if_any
 from models.operation import (
     DEADLINE_DEFAULT_S,
     MIGRATE_STEPS,
@@ -114,9 +114,7 @@ def start_migration(
         "description": check_description(params["description"]),
         "deadline_seconds": check_deadline(deadline),
     }
-    details = {field: problem for field, problem in problems.items() if problem}
-    if details:
-        raise ValidationFailed(details)
+    raise_if_any(problems)
     ensure_idle(session, source.id)
     now = clock.now()
     secret = new_secret()
@@ -133,9 +131,7 @@ def start_migration(
         params=params,
         handoff=handoff,
         secret_revealed=reveal,
-        deadline_at=now + timedelta(seconds=deadline) if start else None,
-        started_at=now if start else None,
-        next_advance_at=now if start else None,
+        deadline_seconds=deadline if start else None,
     )
     operation.new_secret_ciphertext = box_of(session).encrypt(
         base64.b64decode(secret), context=secret_context(operation.id)
@@ -179,9 +175,7 @@ def start_rotation(
         policy_id=policy_id,
         scheduled_for=scheduled_for,
         source_endpoint_id=endpoint_id,
-        deadline_at=now + timedelta(seconds=DEADLINE_DEFAULT_S),
-        started_at=now,
-        next_advance_at=now,
+        deadline_seconds=DEADLINE_DEFAULT_S,
     )
     session.add(operation)
     session.flush()

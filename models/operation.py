@@ -260,10 +260,12 @@ def new_operation(
     now: datetime,
     *,
     steps: Sequence[Step] = (),
+    deadline_seconds: int | None = None,
     **fields: Any,
 ) -> Operation:
     """A new operation row, as every kind starts: pending, not canceled, no backoff, nothing
-    revealed, created now, one pending row per step in order; ``fields`` set the rest."""
+    revealed, created now, one pending row per step in order; ``fields`` set the rest. With
+    ``deadline_seconds`` it starts now: its first step is due at once, its deadline that far."""
     defaults: dict[str, Any] = {
         "state": OperationState.PENDING,
         "trigger": Trigger.API,
@@ -273,6 +275,12 @@ def new_operation(
         "cancel_requested": False,
         "wait_seconds": 0.0,
     }
+    if deadline_seconds is not None:
+        defaults |= {
+            "started_at": now,
+            "next_advance_at": now,
+            "deadline_at": now + timedelta(seconds=deadline_seconds),
+        }
     return Operation(
         id=new_id(),
         org_id=org_id,

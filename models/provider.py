@@ -20,7 +20,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from models import clock
 from models.base import Base, IdMixin, UTCDateTime
 from models.db import box_of, settings_of
-from models.errors import Conflict, NotFound, ValidationFailed
+from models.errors import Conflict, NotFound, raise_if_any
 from models.ids import new_id
 from models.org import API_KEY_DISPLAY_PREFIX_LEN, API_KEY_PREFIX
 from models.pagination import Page, paginate
@@ -128,9 +128,7 @@ def validate(settings: Settings, values: dict[str, Any]) -> None:
         "base_url": check_base_url(settings, values["base_url"]) if "base_url" in values else None,
         "api_key": check_api_key(values["api_key"]) if "api_key" in values else None,
     }
-    details = {name: problem for name, problem in problems.items() if problem is not None}
-    if details:
-        raise ValidationFailed(details)
+    raise_if_any(problems)
 
 
 # --- rules ------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from models import clock
 from models import provider as providers
 from models.db import box_of, settings_of
 from models.endpoint import check_description, check_events, check_url
-from models.errors import Conflict, ValidationFailed
+from models.errors import Conflict, raise_if_any
 from models.migration import (
     NOTHING,
     Advance,
@@ -156,9 +156,7 @@ def start(
         "description": None if description is None else check_description(description),
         "deadline_seconds": check_deadline(deadline),
     }
-    details = {name: problem for name, problem in problems.items() if problem}
-    if details:
-        raise ValidationFailed(details)
+    raise_if_any(problems)
     _ensure_idle(session, provider.id, remote_id)
     now = clock.now()
     operation = new_operation(
@@ -177,9 +175,7 @@ def start(
             "description": description,
             "deadline_seconds": deadline,
         },
-        deadline_at=now + timedelta(seconds=deadline),
-        started_at=now,
-        next_advance_at=now,
+        deadline_seconds=deadline,
     )
     session.add(operation)
     try:
