@@ -30,14 +30,13 @@ from models.errors import ValidationFailed, raise_if_any
 from models.events import SUBSCRIBABLE_EVENT_TYPES
 from models.operation import (
     CONCURRENCY_DEFAULT,
-    CONCURRENCY_MAX,
-    CONCURRENCY_MIN,
     DEADLINE_DEFAULT_S,
     TERMINAL_STATES,
     Operation,
     OperationKind,
     OperationState,
     Trigger,
+    check_concurrency,
     check_deadline,
     new_operation,
 )
@@ -103,9 +102,7 @@ def select_endpoints(
 def check(*, max_concurrency: int, deadline_seconds: int, handoff: str) -> None:
     """422 naming each setting of a bulk migrate that is out of range (a dry run's too)."""
     problems = {
-        "max_concurrency": None
-        if CONCURRENCY_MIN <= max_concurrency <= CONCURRENCY_MAX
-        else f"must be {CONCURRENCY_MIN}-{CONCURRENCY_MAX}",
+        "max_concurrency": check_concurrency(max_concurrency),
         "deadline_seconds": check_deadline(deadline_seconds),
         "handoff": None if handoff in HANDOFFS else f"must be one of {', '.join(HANDOFFS)}",
     }

@@ -122,6 +122,15 @@ def check_deadline(deadline: object) -> str | None:
 
 # A bulk migrate's children active at once (models/bulk.py).
 CONCURRENCY_MIN, CONCURRENCY_MAX, CONCURRENCY_DEFAULT = 1, 50, 5
+
+
+def check_concurrency(concurrency: int) -> str | None:
+    """What is wrong with a bulk migrate's ``max_concurrency``, or None."""
+    if CONCURRENCY_MIN <= concurrency <= CONCURRENCY_MAX:
+        return None
+    return f"must be {CONCURRENCY_MIN}-{CONCURRENCY_MAX}"
+
+
 REVEAL_RETRY_AFTER_S = 2  # a remote migrate's secret exists once the remote created it
 
 

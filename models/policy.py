@@ -36,7 +36,7 @@ from models.db import settings_of
 from models.endpoint import get_endpoint
 from models.errors import Conflict, NotFound, ValidationFailed
 from models.ids import new_id
-from models.operation import CONCURRENCY_DEFAULT, CONCURRENCY_MAX, CONCURRENCY_MIN
+from models.operation import CONCURRENCY_DEFAULT, check_concurrency
 from models.pagination import Page, paginate
 
 MAX_INTERVAL_S = 10 * 366 * 86_400
@@ -171,8 +171,8 @@ def _check(
     if concurrency is not None:
         if target != Target.ORG_ENDPOINTS:
             problems["max_concurrency"] = "only for an org_endpoints policy"
-        elif not CONCURRENCY_MIN <= concurrency <= CONCURRENCY_MAX:
-            problems["max_concurrency"] = f"must be {CONCURRENCY_MIN}-{CONCURRENCY_MAX}"
+        elif (problem := check_concurrency(concurrency)) is not None:
+            problems["max_concurrency"] = problem
     if handoff == Handoff.IN_BAND and strategy != Strategy.SAFE_MIGRATE:
         problems["handoff"] = "in_band needs strategy safe_migrate"
     next_run_at = values.get("next_run_at")
